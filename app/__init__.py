@@ -1,0 +1,1 @@
+"""TensorTrim service: REST API, persistence and job bookkeeping around the engine."""

@@ -1,0 +1,1 @@
+"""Jobs: the state machine (state.py); the Celery tasks live in worker/."""

@@ -1,0 +1,1 @@
+"""Business logic per domain. Every query is scoped to the owner; nothing here commits."""

@@ -1,0 +1,81 @@
+"""The supervisor's defensive parsing of what the sandboxed child says and writes."""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from worker.sandbox import child_env, parse_event
+from worker.tasks import OutputError, check_outputs, parse_report, scrub
+
+
+def test_protocol_lines_are_parsed_defensively() -> None:
+    ok = parse_event(b'{"type": "progress", "phase": "load", "fraction": 1.5, "message": "m", "extra": 1}\n')
+    assert ok is not None and ok.phase == "load" and ok.fraction == 1.0
+    for bad in (b"not json\n", b"[1]\n", b'{"type": "log"}\n', b'{"type": "progress", "phase": 3, "fraction": 0}\n',
+                b'{"type": "progress", "phase": "x", "fraction": "half"}\n',
+                b'{"type": "progress", "phase": "x", "fraction": NaN}\n', b"\xff\xfe\n"):
+        assert parse_event(bad) is None
+    long = parse_event(json.dumps({"type": "progress", "phase": "p" * 500, "fraction": 0, "message": "m" * 9000})
+                       .encode())
+    assert long is not None and len(long.phase) == 64 and len(long.message) == 500
+
+
+def test_child_environment_holds_no_service_settings(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("TENSORTRIM_DATABASE_URL", "postgresql://u:pw@db/x")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "nope")
+    env = child_env(tmp_path, threads=2, cuda_devices=None)
+    assert not any(k.startswith(("TENSORTRIM_", "AWS_")) for k in env)
+    assert env["HOME"] == str(tmp_path) and env["OMP_NUM_THREADS"] == "2" and env["CUDA_VISIBLE_DEVICES"] == ""
+
+
+def _outputs(scratch: Path) -> dict:
+    out = scratch / "out"
+    out.mkdir(parents=True)
+    for name in ("model.pt", "model.pt2"):
+        with zipfile.ZipFile(out / name, "w") as zf:
+            zf.writestr("m/data.pkl", b"x")
+    (out / "report.json").write_text("{}")
+    return {"files": {n: {"size": (out / n).stat().st_size} for n in ("model.pt", "model.pt2", "report.json")}}
+
+
+def test_outputs_are_rechecked(tmp_path: Path) -> None:
+    result = _outputs(tmp_path)
+    (tmp_path / "out" / "extra.so").write_bytes(b"ignored")
+    with pytest.raises(OutputError, match="model.pt"):  # not a TorchScript archive (no code/ records)
+        check_outputs(tmp_path, result, max_bytes=1 << 20)
+
+
+def test_symlinked_or_missing_outputs_are_refused(tmp_path: Path) -> None:
+    result = _outputs(tmp_path)
+    (tmp_path / "out" / "report.json").unlink()
+    (tmp_path / "out" / "report.json").symlink_to("/etc/passwd")
+    with pytest.raises(OutputError, match="not a regular file"):
+        check_outputs(tmp_path, result, max_bytes=1 << 20)
+    (tmp_path / "out" / "report.json").unlink()
+    with pytest.raises(OutputError, match="missing outputs"):
+        check_outputs(tmp_path, result, max_bytes=1 << 20)
+
+
+def test_report_fields_are_type_checked(tmp_path: Path) -> None:
+    path = tmp_path / "report.json"
+    path.write_text(json.dumps({
+        "macs_before": 10, "macs_after": 4, "route": "converter", "huge": "x" * 1000, "flag": True,
+        "plan": {"method": "ratio", "layers": [
+            {"name": "c1", "form": "tucker2", "ranks": [2, 3], "macs_before": 10, "macs_after": 4},
+            {"name": "c2", "form": "tucker2", "ranks": ["2"], "macs_before": 1, "macs_after": 1},
+            "junk"]}}))
+    metrics, layers = parse_report(path)
+    assert metrics == {"macs_before": 10, "macs_after": 4, "route": "converter", "rank_method": "ratio"}
+    assert [row["layer"] for row in layers] == ["c1"]
+
+
+def test_logs_are_scrubbed_of_secrets() -> None:
+    from app.settings import Settings
+
+    settings = Settings(mode="full", database_url="postgresql://tt:hunter2hunter2@db/tt", secret_key="k" * 40)
+    text = scrub(f"url {settings.database_url} key {'k' * 40} other redis://u:pass@h/0", settings)
+    assert "hunter2" not in text and "k" * 40 not in text and "pass@" not in text
