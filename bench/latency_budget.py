@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from bench.models import resnet18
+from bench.ranks import RESULTS
 from compression.budget import Budget
 from compression.input_spec import InputSpec
 from compression.inventory import build_inventory
@@ -37,8 +38,6 @@ from compression.latency import build_latency_table, measure_model
 from compression.model_io import to_editable
 from compression.ranks import SelectionContext, select_ranks
 from compression.rewrite import apply_plan
-
-from bench.ranks import RESULTS
 
 
 class SmallNet(nn.Module):
