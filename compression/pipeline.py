@@ -28,7 +28,7 @@ from compression.inventory import Inventory, build_inventory, count_macs, count_
 from compression.metrics import relative_error
 from compression.model_io import EditableModel, load_torchscript, to_editable
 from compression.plan import RankPlan, plan_by_ratio
-from compression.progress import Progress, silent
+from compression.progress import WHOLE_RUN, Overall, Progress, silent
 from compression.ranks import Data, SelectionContext, default_method, get_method
 from compression.report import write_html
 from compression.rewrite import apply_plan
@@ -220,12 +220,18 @@ def compress(
 def sweep(model: str | Path | torch.jit.ScriptModule, input_spec: InputSpec | str, budgets: list[str], *,
           out_dir: str | Path, progress: Progress = silent, **kwargs) -> dict:
     """Compress at each budget (into ``out_dir/<budget>``) and return the
-    accuracy-vs-MACs curve; also writes ``sweep.json`` and ``report.html``."""
+    accuracy-vs-MACs curve; also writes ``sweep.json`` and ``report.html``.
+    Progress comes as one ``sweep`` phase over all budgets, the budget and the
+    inner phase in the message."""
     out = Path(out_dir)
     points = []
     for i, text in enumerate(budgets):
-        def step(phase: str, fraction: float, message: str = "", i: int = i, text: str = text) -> None:
-            progress(phase, (i + fraction) / len(budgets), f"[{text}] {message}")
+        overall = Overall()
+
+        def step(phase: str, fraction: float, message: str = "", i: int = i, text: str = text,
+                 overall: Overall = overall) -> None:
+            whole = (i + overall.update(phase, fraction)) / len(budgets)
+            progress(WHOLE_RUN, whole, f"[{text}, {i + 1}/{len(budgets)}] {phase}: {message}")
 
         result = compress(model, input_spec, text, out_dir=out / _slug(text), progress=step, **kwargs)
         comp = result.evaluation["compressed"]
@@ -235,6 +241,7 @@ def sweep(model: str | Path | torch.jit.ScriptModule, input_spec: InputSpec | st
                        "metric": "top1" if comp.get("top1") is not None else "agreement",
                        "dir": _slug(text)})
         original = result.evaluation["original"]
+    progress(WHOLE_RUN, 1.0, f"{len(budgets)} budgets done")
     report = {"sweep": points, "macs_before": result.macs_before, "params_before": result.params_before,
               "original_accuracy": original.get("top1") if original.get("top1") is not None else 1.0,
               "plan": {"method": result.plan.method, "layers": [], "dense": {}}}

@@ -109,6 +109,9 @@ def test_idempotency_key_returns_the_same_job(api: Api) -> None:
         ({"method": "magic"}, "method", "choose one of"),
         ({"form": "svd2"}, "form", "tucker2"),
         ({"finetune": {"epochs": 0}}, "finetune.epochs", "greater than or equal to 1"),
+        ({"sweep": ["flops:3x", "speed:2"]}, "sweep", "flops:3x"),
+        ({"sweep": []}, "sweep", "at least one more budget"),
+        ({"sweep": [f"flops:{k}x" for k in range(3, 9)]}, "sweep", "at most 5"),
         ({"model_id": "not-a-uuid"}, "model_id", "UUID"),
         ({"surprise": 1}, "surprise", "not permitted"),
     ],
@@ -130,6 +133,17 @@ def test_finetuning_without_a_dataset_is_accepted_as_data_free(api: Api) -> None
     r = api.client.post(f"{API}/jobs", headers=user, json=body)
     assert r.status_code == 201, r.text
     assert r.json()["dataset_id"] is None and r.json()["options"]["finetune"]["epochs"] == 1
+
+
+def test_a_sweep_is_recorded_once_per_budget_after_the_jobs_own(api: Api) -> None:
+    user = api.user()
+    model = api.upload_model(user)
+    body = {"model_id": model["id"], "input_spec": "3,16,16", "budget": "flops:2x",
+            "sweep": ["flops:3x", "flops:2x", " flops:3x", "params:50%"]}
+    r = api.client.post(f"{API}/jobs", headers=user, json=body)
+    assert r.status_code == 201, r.text
+    assert r.json()["options"] == {"sweep": ["flops:3x", "params:50%"]}
+    assert len(api.enqueued.calls) == 1
 
 
 def test_list_pages_with_a_cursor_and_filters_by_status(make_api: Callable[..., Api]) -> None:

@@ -86,8 +86,14 @@ def test_report_is_complete_and_matches_the_files(model_file, tmp_path):
 
 
 def test_sweep_returns_the_accuracy_vs_macs_curve(model_file, tmp_path):
+    seen: list[tuple[str, float, str]] = []
     report = sweep(model_file, SPEC, ["flops:2x", "flops:4x"], method="energy", data=_all_data(),
-                   out_dir=tmp_path, latency=False)
+                   out_dir=tmp_path, latency=False, progress=lambda *a: seen.append(a))
+    # one whole-run phase: monotone, the budget named, done only at the very end
+    assert {phase for phase, _, _ in seen} == {"sweep"}
+    fractions = [f for _, f, _ in seen]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0 and fractions[-2] < 1.0
+    assert any(m.startswith("[flops:4x, 2/2] ") for _, _, m in seen)
     points = report["sweep"]
     assert [p["budget"] for p in points] == ["flops:2x", "flops:4x"]
     assert points[0]["macs_after"] > points[1]["macs_after"]

@@ -130,6 +130,10 @@ def test_input_spec_that_does_not_fit_and_an_impossible_budget_are_422s(sqlite_a
                                json={"model_id": model["id"], "input_spec": "3,16,16", "budget": "flops:10000x"})
     body = assert_problem(r, 422, code="invalid_budget", field="budget")
     assert "cannot be met" in body["detail"] and "largest reachable reduction is" in body["detail"], body
+    r = sqlite_api.client.post(f"{API}/jobs", headers=h, json={"model_id": model["id"], "budget": "flops:2x",
+                                                                 "sweep": ["flops:3x", "flops:10000x"]})
+    body = assert_problem(r, 422, code="invalid_budget", field="sweep")
+    assert body["detail"].startswith("'flops:10000x' in sweep: ") and "largest reachable" in body["detail"], body
     assert sqlite_api.enqueued.calls == []
     ok = sqlite_api.create_job(h, model["id"], budget="flops:2x")  # a reachable one still passes
     assert ok["status"] == "queued"

@@ -191,6 +191,8 @@ def test_sign_in_upload_compress_follow_and_download(page: Any, server: Server, 
     page.get_by_label("Unit").select_option("x")
     page.get_by_label("Target").fill("2")
     page.get_by_label("Uniform").check()
+    page.locator("details.advanced summary").click()
+    page.get_by_label("Also try budgets (optional)").fill("flops:3x, flops:4x")
     shoot(page, "new-job")
 
     events: list[str] = []
@@ -205,6 +207,14 @@ def test_sign_in_upload_compress_follow_and_download(page: Any, server: Server, 
     assert page.locator("#ranks-chart svg rect").count() >= 2
     assert page.locator("#job-percent").inner_text() == "100 %"
     assert "÷ 2" in page.locator("#metrics-table").inner_text()
+    # the sweep: one point per budget, the job's own (2x) and the two extra ones
+    assert page.locator("#sweep-chart svg circle").count() == 3
+    title = page.locator("#sweep-chart svg title").first.text_content() or ""
+    assert "Agreement with the original against MACs" in title
+    sweep_rows = page.locator("#sweep-table tbody tr")
+    assert [sweep_rows.nth(i).locator("td").first.inner_text() for i in range(3)] == ["flops:2x", "flops:3x",
+                                                                                     "flops:4x"]
+    assert page.get_by_role("link", name="Download sweep.json", exact=True).count() == 1
     shoot(page, "job-done")
 
     with page.expect_download() as download:
@@ -247,6 +257,16 @@ def test_bad_file_and_impossible_budget_show_next_to_their_fields(page: Any, ser
     assert page.evaluate("document.activeElement.id") == "budget-target"
     assert "/ui/jobs/new" in page.url
     shoot(page, "impossible-budget")
+
+    page.get_by_label("Target").fill("2")
+    page.locator("details.advanced summary").click()
+    page.get_by_label("Also try budgets (optional)").fill("flops:3x, flops:1000x")
+    page.get_by_role("button", name="Start compression").click()
+    sweep_error = page.locator("#sweep-error")
+    sweep_error.wait_for()
+    assert "'flops:1000x' in sweep" in sweep_error.inner_text() and "cannot be met" in sweep_error.inner_text()
+    assert page.evaluate("document.activeElement.id") == "sweep"
+    assert page.locator("#budget-error").is_hidden() and "/ui/jobs/new" in page.url
 
 
 def test_another_users_job_is_not_reachable(page: Any, server: Server) -> None:

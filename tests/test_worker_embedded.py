@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from tests.test_worker_support import TinyNet, create_job, save_model, wait_status
 
 
-def test_embedded_worker_runs_a_job_on_sqlite_with_the_sqlalchemy_broker(tmp_path: Path) -> None:
+def _run_embedded(tmp_path: Path, **job_fields: Any) -> tuple[Any, Any]:
+    """Run one job on the embedded stack; returns (finished job, storage)."""
     from app.db import make_engine, make_sessionmaker
     from app.migrate import upgrade
     from app.settings import Settings
@@ -26,18 +28,47 @@ def test_embedded_worker_runs_a_job_on_sqlite_with_the_sqlalchemy_broker(tmp_pat
     upgrade(engine)
     sessions = make_sessionmaker(engine)
     storage = LocalStorage(settings.storage_dir)
-    job_id = create_job(sessions, storage, save_model(TinyNet(), tmp_path / "net.pt"))
+    job_id = create_job(sessions, storage, save_model(TinyNet(), tmp_path / "net.pt"), **job_fields)
 
     worker = EmbeddedWorker(settings, WorkerSettings(heartbeat_interval_s=0.5, threads=1, reconcile_interval_s=1))
     worker.start()
     try:
         enqueue_job(job_id, "cpu", app=worker.celery)
-        job = wait_status(sessions, job_id, {"succeeded", "failed"}, 150)
+        job = wait_status(sessions, job_id, {"succeeded", "failed"}, 240)
     finally:
         worker.stop()
+        engine.dispose()
     assert job.status == "succeeded", (job.error_code, job.error_message)
+    return job, storage
+
+
+def test_embedded_worker_runs_a_job_on_sqlite_with_the_sqlalchemy_broker(tmp_path: Path) -> None:
+    job, storage = _run_embedded(tmp_path)
     assert {a.name for a in job.artifacts} == {"model.pt", "model.pt2", "report.json", "report.html", "job.log"}
     report = json.loads(storage.path(next(a for a in job.artifacts if a.name == "report.json").storage_key).read_text())
     assert job.metrics["macs_after"] == report["macs_after"] < report["macs_before"]
     assert [e.status for e in job.events if e.kind == "status"] == ["running", "succeeded"]
-    engine.dispose()
+
+
+def test_a_sweep_job_keeps_its_own_budgets_model_and_stores_the_curve(tmp_path: Path) -> None:
+    job, storage = _run_embedded(tmp_path, budget="flops:2x", options={"sweep": ["flops:4x", "flops:3x"]})
+
+    def artifact(name: str) -> bytes:
+        return storage.path(next(a for a in job.artifacts if a.name == name).storage_key).read_bytes()
+
+    assert {a.name for a in job.artifacts} == {"model.pt", "model.pt2", "report.json", "report.html", "sweep.json",
+                                               "sweep.html", "job.log"}
+    points = job.metrics["sweep"]
+    assert [p["budget"] for p in points] == ["flops:2x", "flops:4x", "flops:3x"]
+    ratios = [p["macs_ratio"] for p in points]
+    assert all(r >= want * (1 - 1e-9) for r, want in zip(ratios, (2, 4, 3))), ratios  # each budget met
+    assert ratios[0] < ratios[2] < ratios[1], ratios
+    assert all(p["metric"] == "agreement" and 0 <= p["accuracy"] <= 1 for p in points)  # no data set: agreement
+    assert points == [{k: v for k, v in p.items() if k != "dir"} for p in json.loads(artifact("sweep.json"))["sweep"]]
+    # the job's own files are the first budget's
+    report = json.loads(artifact("report.json"))
+    assert report["budget"] == "flops:2x"
+    assert report["macs_after"] == points[0]["macs_after"] == job.metrics["macs_after"]
+    assert b"<svg" in artifact("sweep.html")
+    progress = [e.progress for e in job.events if e.kind == "progress"]
+    assert progress == sorted(progress) and {e.phase for e in job.events if e.kind == "progress"} >= {"sweep"}

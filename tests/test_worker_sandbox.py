@@ -73,6 +73,26 @@ def test_report_fields_are_type_checked(tmp_path: Path) -> None:
     assert [row["layer"] for row in layers] == ["c1"]
 
 
+def test_sweep_points_are_type_checked(tmp_path: Path) -> None:
+    from worker.tasks import parse_sweep
+
+    path = tmp_path / "sweep.json"
+    good = {"budget": "flops:2x", "macs_after": 50, "macs_ratio": 2.0, "params_after": 9, "accuracy": 0.9,
+            "metric": "top1", "dir": "../../etc", "extra": {"x": 1}}
+    path.write_text(json.dumps({"sweep": [good, {**good, "accuracy": "high", "macs_ratio": float("nan")}]}))
+    assert parse_sweep(path) == [
+        {k: v for k, v in good.items() if k not in ("dir", "extra")},
+        {"budget": "flops:2x", "macs_after": 50, "params_after": 9, "metric": "top1"},  # bad values dropped
+    ]
+    for bad in ({"sweep": []}, {"sweep": ["junk"]}, {"sweep": [{"budget": "flops:2x"}]}, [1, 2]):
+        path.write_text(json.dumps(bad))
+        with pytest.raises(OutputError):
+            parse_sweep(path)
+    path.write_text("{not json")
+    with pytest.raises(OutputError, match="not JSON"):
+        parse_sweep(path)
+
+
 def test_logs_are_scrubbed_of_secrets() -> None:
     from app.settings import Settings
 

@@ -20,9 +20,9 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-OUTPUT_NAMES = ("model.pt", "model.pt2", "report.json", "report.html")
+OUTPUT_NAMES = ("model.pt", "model.pt2", "report.json", "report.html", "sweep.json", "sweep.html")
 # Keys of the job file that are ours, never engine options a user could override.
-_RESERVED = frozenset({"model", "model_path", "input_spec", "out_dir", "progress", "data", "labels"})
+_RESERVED = frozenset({"model", "model_path", "input_spec", "out_dir", "progress", "data", "labels", "sweep"})
 
 
 class Protocol:
@@ -70,6 +70,22 @@ def engine_kwargs(compress: Any, job: dict[str, Any], log: Any) -> dict[str, Any
     if ignored:
         log(f"options this engine version does not use: {', '.join(ignored)}")
     return kwargs
+
+
+def run_sweep(job: dict[str, Any], kwargs: dict[str, Any], extra: list[str], out: Path, progress: Any) -> None:
+    """Compress at the job's budget and at each of ``extra``. The job's own budget comes
+    first, so its files become the job's model files; the curve goes to sweep.json and
+    the sweep's page to sweep.html. The other budgets' models stay in scratch (a sweep
+    is for choosing a budget; the chosen one is then a job of its own)."""
+    from compression.pipeline import sweep
+
+    budgets = list(dict.fromkeys([kwargs.pop("budget"), *extra]))
+    report = sweep(job["model"], job["input_spec"], budgets, out_dir=out / "sweep", progress=progress, **kwargs)
+    first = out / "sweep" / report["sweep"][0]["dir"]
+    for name in ("model.pt", "model.pt2", "report.json", "report.html"):
+        os.replace(first / name, out / name)
+    os.replace(out / "sweep" / "sweep.json", out / "sweep.json")
+    os.replace(out / "sweep" / "report.html", out / "sweep.html")
 
 
 _OOM_WORDS = ("can't allocate memory", "cannot allocate memory", "out of memory", "failed to map segment")
@@ -134,7 +150,11 @@ def run(job_path: Path, proto: Protocol) -> dict[str, Any]:
                 labels = (job.get("options") or {}).get("labels", True)
                 kwargs["data"] = load_dataset(job["dataset"], input_spec=job["input_spec"], labels=bool(labels))
         t = time.perf_counter()
-        compress(job["model"], job["input_spec"], out_dir=out, progress=proto.progress, **kwargs)
+        sweep = (job.get("options") or {}).get("sweep")
+        if sweep:
+            run_sweep(job, kwargs, sweep, out, proto.progress)
+        else:
+            compress(job["model"], job["input_spec"], out_dir=out, progress=proto.progress, **kwargs)
         log(f"compress finished in {time.perf_counter() - t:.1f}s")
     except Exception as e:  # noqa: BLE001  (details go to the log, the user gets a summary)
         if out_of_memory(e):

@@ -18,6 +18,7 @@ import errno
 import io
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -40,6 +41,7 @@ from app.jobs import state
 from app.models import Artifact, Dataset, Job, JobEvent, JobStatus, LayerRank, ModelFile
 from app.settings import Settings, get_settings
 from app.storage import Storage, StorageError, StoredFile, make_storage
+from compression.progress import Overall
 from worker import events
 from worker.child import OUTPUT_NAMES
 from worker.config import WorkerSettings, get_worker_settings
@@ -52,9 +54,6 @@ MAX_RESULT_BYTES = 1 << 20
 MAX_REPORT_BYTES = 64 << 20
 MAX_ZIP_ENTRIES = 100_000
 _CODE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
-# Relative weight of each engine phase in the overall progress; unknown phases keep the value.
-PHASE_WEIGHTS = {"load": 0.1, "inspect": 0.05, "ranks": 0.2, "search": 0.2, "decompose": 0.1, "finetune": 0.4,
-                 "export": 0.15}
 PHASE_EVENT_MIN_S = 1.0  # at most one progress JobEvent per phase per second
 
 
@@ -119,12 +118,12 @@ class Supervisor:
         self.phase: str | None = None
         self.phase_fraction = 0.0
         self.overall = 0.0
+        self._overall = Overall()
         self.message = ""
         self.started = time.monotonic()
         self.last_heartbeat = 0.0
         self.last_phase_event: dict[str, float] = {}
         self.last_publish = 0.0
-        self.phases_seen: list[str] = []
 
     # -- reporting ---------------------------------------------------------------
     def publish(self, event: dict[str, Any]) -> None:
@@ -139,13 +138,8 @@ class Supervisor:
     def on_progress(self, p: Progress) -> bool:
         """Fold one progress report in; True when the phase changed (worth a DB write now)."""
         changed = p.phase != self.phase
-        if changed:
-            self.phases_seen.append(p.phase)
         self.phase, self.phase_fraction, self.message = p.phase, p.fraction, p.message
-        if p.phase in PHASE_WEIGHTS:
-            done = sum(PHASE_WEIGHTS[q] for q in dict.fromkeys(self.phases_seen[:-1]) if q in PHASE_WEIGHTS)
-            total = sum(PHASE_WEIGHTS.values())
-            self.overall = max(self.overall, min(0.99, (done + PHASE_WEIGHTS[p.phase] * p.fraction) / total))
+        self.overall = self._overall.update(p.phase, p.fraction)
         now = time.monotonic()
         if changed or p.fraction >= 1.0 or now - self.last_publish > 0.25:
             self.last_publish = now
@@ -458,7 +452,7 @@ def check_outputs(scratch: Path, result: dict[str, Any], *, max_bytes: int) -> d
             if path.resolve().parent != out.resolve():
                 raise OutputError(f"{entry.name} points outside the scratch directory")
             size = entry.stat(follow_symlinks=False).st_size
-            limit = MAX_REPORT_BYTES if entry.name.startswith("report") else max_bytes
+            limit = MAX_REPORT_BYTES if entry.name.startswith(("report", "sweep")) else max_bytes
             if size > limit:
                 raise OutputError(f"{entry.name} is {size} bytes (limit {limit})")
             found[entry.name] = CheckedFile(entry.name, path, size)
@@ -540,6 +534,37 @@ def parse_report(path: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     return metrics, layers
 
 
+_SWEEP_FIELDS = {"budget": str, "metric": str, "macs_after": int, "params_after": int, "macs_ratio": float,
+                 "accuracy": float}
+
+
+def parse_sweep(path: Path) -> list[dict[str, Any]]:
+    """The accuracy-vs-MACs points of sweep.json, taking only well-typed fields."""
+    try:
+        report = json.loads(path.read_bytes())
+    except ValueError as e:
+        raise OutputError("sweep.json is not JSON") from e
+    raw = report.get("sweep") if isinstance(report, dict) else None
+    if not isinstance(raw, list) or not raw:
+        raise OutputError("sweep.json has no points")
+    points = []
+    for item in raw[:64]:
+        if not isinstance(item, dict):
+            raise OutputError("a sweep point is not an object")
+        point: dict[str, Any] = {}
+        for key, kind in _SWEEP_FIELDS.items():
+            value = item.get(key)
+            if kind is str and isinstance(value, str):
+                point[key] = value[:64]
+            elif kind is not str and isinstance(value, (int, float)) and not isinstance(value, bool) \
+                    and math.isfinite(value):
+                point[key] = kind(value)
+        if "macs_after" not in point or "budget" not in point:
+            raise OutputError("a sweep point lacks its budget or MACs")
+        points.append(point)
+    return points
+
+
 def _finish(rt: Runtime, sup: Supervisor, scratch: Path, rc: int, box: Sandbox, logf: io.TextIOBase,
             log_path: Path) -> str:
     try:
@@ -559,6 +584,8 @@ def _finish(rt: Runtime, sup: Supervisor, scratch: Path, rc: int, box: Sandbox, 
     try:
         files = check_outputs(scratch, result, max_bytes=rt.settings.max_upload_bytes * 4)
         metrics, layers = parse_report(files["report.json"].path)
+        if "sweep.json" in files:
+            metrics["sweep"] = parse_sweep(files["sweep.json"].path)
     except OutputError as e:
         box.write_log(f"[supervisor] rejected the child's output: {e}")
         return _finish_failed(rt, sup, logf, log_path, "invalid_output",

@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from app.schemas.common import ORM
 
 Form = Literal["tucker2", "cp", "cp4"]
+MAX_SWEEP = 6  # budgets in one sweep, the job's own included: each one is a full compression run
 
 
 class FinetuneOptions(BaseModel):
@@ -62,6 +63,13 @@ class JobCreate(BaseModel):
         description="fine-tune after decomposing: on the dataset, or data-free (inputs synthesised from "
         "batch-norm statistics) without one",
     )
+    sweep: list[str] | None = Field(
+        default=None,
+        max_length=MAX_SWEEP - 1,
+        description="also compress at these budgets and chart accuracy against MACs (`metrics.sweep`, "
+        "`sweep.json`); the job's model files are those of `budget`",
+        examples=[["flops:2x", "flops:4x"]],
+    )
 
     @field_validator("input_spec")
     @classmethod
@@ -79,14 +87,22 @@ class JobCreate(BaseModel):
     @field_validator("budget")
     @classmethod
     def _budget(cls, value: str) -> str:
-        from compression.budget import Budget
-        from compression.errors import BudgetError
+        return _parse_budget(value)
 
-        try:
-            Budget.parse(value)
-        except BudgetError as exc:
-            raise ValueError(exc.message) from None
-        return value.strip()
+    @field_validator("sweep")
+    @classmethod
+    def _sweep(cls, value: list[str] | None) -> list[str] | None:
+        if value is None:
+            return None
+        budgets = list(dict.fromkeys(_parse_budget(v) for v in value))
+        if not budgets:
+            raise ValueError("give at least one more budget to sweep over, e.g. ['flops:2x', 'flops:4x'], "
+                             "or leave it out")
+        return budgets
+
+    def budgets(self) -> list[str]:
+        """Every budget this job compresses at: its own first, then the sweep's."""
+        return list(dict.fromkeys([self.budget, *(self.sweep or [])]))
 
     @field_validator("method")
     @classmethod
@@ -100,7 +116,21 @@ class JobCreate(BaseModel):
         return value
 
     def options(self) -> dict[str, Any]:
-        return {"finetune": self.finetune.model_dump()} if self.finetune else {}
+        options: dict[str, Any] = {"finetune": self.finetune.model_dump()} if self.finetune else {}
+        if self.sweep:
+            options["sweep"] = self.budgets()[1:]
+        return options
+
+
+def _parse_budget(value: str) -> str:
+    from compression.budget import Budget
+    from compression.errors import BudgetError
+
+    try:
+        Budget.parse(value)
+    except BudgetError as exc:
+        raise ValueError(exc.message) from None
+    return value.strip()
 
 
 class ErrorOut(BaseModel):

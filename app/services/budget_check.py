@@ -54,8 +54,8 @@ def rebuild_inventory(data: dict[str, Any]) -> Any | None:
     return Inventory(layers, int(data["total_macs"]), int(data["total_params"]))
 
 
-def check_budget_reachable(inventory: dict[str, Any] | None, budget: str, form: str) -> None:
-    """422 ``invalid_budget`` (field ``budget``) with the largest reachable reduction when
+def check_budget_reachable(inventory: dict[str, Any] | None, budget: str, form: str, field: str = "budget") -> None:
+    """422 ``invalid_budget`` (naming ``field``) with the largest reachable reduction when
     even rank 1 in every decomposable layer misses the budget."""
     from compression.budget import Budget
     from compression.errors import BudgetError
@@ -72,6 +72,7 @@ def check_budget_reachable(inventory: dict[str, Any] | None, budget: str, form: 
             return
         Meter(inv, parsed).check_reachable(_Context(inv, form))  # type: ignore[arg-type]
     except BudgetError as exc:
-        raise Unprocessable(exc.message, code=exc.code, field="budget") from None
+        message = exc.message if field == "budget" else f"{budget!r} in {field}: {exc.message}"
+        raise Unprocessable(message, code=exc.code, field=field) from None
     except (KeyError, TypeError, ValueError, ZeroDivisionError) as exc:
         log.warning("budget pre-check skipped: stored inventory not usable (%s)", exc)

@@ -140,6 +140,8 @@ def create_job(
         get_dataset(session, owner, body.dataset_id)
     if input_spec == model.input_spec:  # the stored layer table was measured at this shape
         check_budget_reachable(model.inventory, body.budget, body.form)
+        for extra in body.sweep or []:
+            check_budget_reachable(model.inventory, extra, body.form, field="sweep")
     quota.check_job_quota(session, owner.id, settings)
 
     values = {

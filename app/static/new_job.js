@@ -87,8 +87,6 @@
       s.textContent = res.body.name + ": " + (res.body.num_samples != null ? res.body.num_samples + " samples, " : "") +
         res.body.format + ". Used for data-aware methods and fine-tuning.";
       s.hidden = false;
-      $("finetune").disabled = false;
-      $("finetune-epochs").disabled = false;
       $("finetune-hint").textContent = "Uses " + res.body.name + ".";
       if (!state.methodTouched) $("method-batude").checked = true;
     });
@@ -146,7 +144,7 @@
   /* ---- submit ---- */
   var JOB_FIELDS = {
     budget: "budget-error", method: "method-error", model_id: "model-file-error", input_spec: "input-spec-error",
-    dataset_id: "dataset-file-error", form: "job-error",
+    dataset_id: "dataset-file-error", form: "job-error", sweep: "sweep-error",
   };
 
   $("job-form").addEventListener("submit", function (ev) {
@@ -169,14 +167,16 @@
     };
     if (state.model.input_spec) body.input_spec = state.model.input_spec;
     if (state.dataset) body.dataset_id = state.dataset.id;
-    if (state.dataset && $("finetune").checked) body.finetune = { epochs: parseInt($("finetune-epochs").value, 10) || 1 };
+    if ($("finetune").checked) body.finetune = { epochs: parseInt($("finetune-epochs").value, 10) || 1 };
+    var sweep = $("sweep").value.split(",").map(function (b) { return b.trim(); }).filter(Boolean);
+    if (sweep.length) body.sweep = sweep;
     var button = $("submit-job");
     button.disabled = true;
     TT.fetchJSON("/ui/api/jobs", { method: "POST", json: body }).then(function (res) {
       if (res.ok) { window.location.assign("/ui/jobs/" + res.body.id); return; }
       button.disabled = false;
       var field = res.body && res.body.field ? String(res.body.field).split(".")[0] : null;
-      var target = JOB_FIELDS[field] || (field === "finetune" ? "dataset-file-error" : "job-error");
+      var target = JOB_FIELDS[field] || "job-error";
       TT.showError(target, TT.problemText(res));
       var input = $(target.replace(/-error$/, ""));
       if (target === "budget-error") $("budget-target").focus();

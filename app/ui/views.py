@@ -201,8 +201,31 @@ def sweep_points(metrics: dict[str, Any] | None) -> list[tuple[float, float]]:
     return sorted(points)
 
 
-def sweep_chart(points: Sequence[tuple[float, float]]) -> Markup | None:
-    """Accuracy against MACs, one point per budget of the sweep."""
+def sweep_label(metrics: dict[str, Any] | None) -> str:
+    """What a sweep's y axis measures: held-out top-1 with a data set, otherwise how often
+    the compressed model's top class agrees with the original's on random inputs."""
+    raw = (metrics or {}).get("sweep")
+    if isinstance(raw, list) and raw and all(isinstance(p, dict) and p.get("metric") == "agreement" for p in raw):
+        return "Agreement with the original"
+    return "Accuracy"
+
+
+def sweep_rows(metrics: dict[str, Any] | None) -> list[dict[str, str]]:
+    """The sweep as table rows, in the order the budgets were given."""
+    raw = (metrics or {}).get("sweep")
+    rows = []
+    for p in raw if isinstance(raw, list) else []:
+        if isinstance(p, dict) and isinstance(p.get("budget"), str):
+            acc = _top1(p.get("accuracy"))
+            ratio = p.get("macs_ratio")
+            rows.append({"budget": p["budget"], "macs": human(p.get("macs_after")),
+                         "ratio": f"{ratio:.2f}x" if isinstance(ratio, (int, float)) else "—",
+                         "accuracy": f"{acc * 100:.1f} %" if acc is not None else "—"})
+    return rows
+
+
+def sweep_chart(points: Sequence[tuple[float, float]], label: str = "Accuracy") -> Markup | None:
+    """``label`` (accuracy or agreement) against MACs, one point per budget of the sweep."""
     if len(points) < 2:
         return None
     h, left, right, top_pad, bottom = 220.0, 40.0, W - 10.0, 10.0, 190.0
@@ -228,4 +251,4 @@ def sweep_chart(points: Sequence[tuple[float, float]]) -> Markup | None:
     body += [f'<circle cx="{sx(x):.1f}" cy="{sy(v):.1f}" r="3.5" class="dot"><title>{escape(human(x))} MACs: '
              f"{v * 100:.1f} %</title></circle>" for x, v in points]
     desc = "; ".join(f"{human(x)} MACs: {v * 100:.1f} %" for x, v in points)
-    return _svg(h, "Accuracy against MACs over the sweep", desc, body, "sweep")
+    return _svg(h, f"{label} against MACs over the sweep", desc, body, "sweep")
