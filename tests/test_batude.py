@@ -332,7 +332,8 @@ def test_batude_recovers_planted_ranks_at_the_planted_budget():
     x = spec.example(64, seed=5)
     with torch.no_grad():
         y = gm(*x)  # the model's own outputs as regression targets
-    ctx = SelectionContext(gm, inv, spec, budget, data=Data(x, y), options=FAST)
+    # every layer, the linear one too: a rank was planted in each
+    ctx = SelectionContext(gm, inv, spec, budget, data=Data(x, y), options={**FAST, "all_layers": True})
     method = Batude()
     got = _ranks(method.select(ctx))
     uni = _ranks(Uniform().select(ctx))

@@ -80,9 +80,24 @@ def test_budget_met_within_one_percent(models, method, model, budget):
     b = Budget.parse(budget)
     plan = select_ranks(s.ctx(budget), method)
     achieved = s.achieved(plan, b.metric)
-    assert abs(achieved / b.keep - 1) <= 0.01, (method, model, budget, achieved, plan.note)
+    assert achieved / b.keep - 1 <= 0.01, (method, model, budget, achieved, plan.note)
+    if achieved / b.keep - 1 < -0.01:  # further under only where ranks allow no closer fit
+        _assert_no_rank_step_fits(s.ctx(budget).meter(), plan)
     _check_no_layer_costlier(plan)
     assert plan.method == method and plan.layers
+
+
+def _assert_no_rank_step_fits(meter, plan) -> None:
+    from compression.forms import max_ranks
+
+    choice = {lp.name: (lp.form, tuple(lp.ranks)) for lp in plan.layers}
+    for name, (form, ranks) in choice.items():
+        layer = meter.inventory.by_name(name)
+        top = max_ranks(form, layer.c_out, layer.c_in, *layer.kernel)
+        for i in range(len(ranks)):
+            if ranks[i] < top[i]:
+                bumped = {**choice, name: (form, ranks[:i] + (ranks[i] + 1,) + ranks[i + 1:])}
+                assert not meter.fits(meter.total(bumped)), f"{name} rank {i} + 1 still fits the budget"
 
 
 @pytest.mark.parametrize("method", AUTO_METHODS)
@@ -254,29 +269,68 @@ class _LatencyNet(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
-def test_latency_budget_met_by_the_table():
-    """A latency budget of 0.7x the dense model at batch 1: the table covers
-    every layer and the chosen plan fits it. Whether the built model is then as
-    fast as the table says is a measurement, taken in bench/latency_budget.py
-    (timings on a shared 2-core box are not a test)."""
+def _table_from_macs(inv, forms=("tucker2", "svd"), per_mmac=1.0, per_call=0.02, other=0.3):
+    """A latency table with known numbers: a conv costs ``per_mmac`` ms per million MACs
+    plus ``per_call`` ms per kernel launch (one dense, three for a factorised layer)."""
+    from compression.costs import factored_cost
+    from compression.latency import Curve, LatencyTable, LayerLatency, grid_ranks
+
+    layers = {}
+    for layer in inv.layers:
+        entry = LayerLatency(per_mmac * layer.macs / 1e6 + per_call)
+        for form in layer.forms:
+            if form not in forms:
+                continue
+            ranks = grid_ranks(layer, form)
+            macs = np.array([factored_cost(layer, form, r).macs for r in ranks], dtype=np.float64)
+            ms = per_mmac * macs / 1e6 + 3 * per_call
+            order = np.argsort(macs, kind="stable")
+            entry.curves[form] = Curve(macs[order], ms[order], ranks, list(ms))
+        layers[layer.name] = entry
+    total = other + sum(e.dense_ms for e in layers.values())
+    return LatencyTable(layers, total, other, 1, "cpu")
+
+
+def test_latency_budget_is_met_on_the_table_it_was_chosen_by():
+    """A latency budget of 0.7x the dense model at batch 1: the plan fits the table, and
+    the MACs it keeps agree with the table's arithmetic. The table is built from known
+    numbers so the test decides on logic, not on a shared machine's timings; whether
+    a built model is as fast as a measured table says is bench/latency_budget.py's job."""
+    torch.manual_seed(0)
+    spec = InputSpec.parse("3,32,32")
+    gm = editable(_LatencyNet().eval(), spec)
+    inv = build_inventory(gm, spec)
+    table = _table_from_macs(inv)
+    budget = Budget("latency", ms=0.7 * table.total_ms, batch=1)
+    for method in ("energy", "uniform"):
+        ctx = SelectionContext(gm, inv, spec, budget, latency=table)
+        plan = select_ranks(ctx, method)
+        assert plan.layers, "a 0.7x latency budget needs at least one factorised layer"
+        meter = ctx.meter()
+        predicted = meter.total({lp.name: (lp.form, lp.ranks) for lp in plan.layers})
+        assert predicted <= budget.ms * (1 + 1e-9) and predicted >= 0.95 * budget.ms, (method, predicted)
+        # the table is MACs plus launches, so the plan's MACs follow from its milliseconds
+        macs = sum(lp.macs_after for lp in plan.layers) + sum(
+            layer.macs for layer in inv.layers if layer.name not in {lp.name for lp in plan.layers})
+        launches = 0.02 * (len(inv.layers) + 2 * len(plan.layers))
+        assert predicted == pytest.approx(0.3 + macs / 1e6 + launches, rel=1e-6)
+
+
+def test_measured_latency_table_covers_every_layer():
     from compression.latency import build_latency_table
 
-    torch.manual_seed(0)
     spec = InputSpec.parse("3,32,32")
     gm = editable(_LatencyNet().eval(), spec)
     inv = build_inventory(gm, spec)
     table = build_latency_table(gm, inv, spec, batch=1, device="cpu", repeats=3, forms=("tucker2",), clock="cpu",
                                 stat="min")
     assert set(table.layers) == {layer.name for layer in inv.layers}
-    budget = Budget("latency", ms=0.7 * table.total_ms, batch=1)
-    ctx = SelectionContext(gm, inv, spec, budget, latency=table)
-    plan = select_ranks(ctx, "energy")
-    assert plan.layers, "a 0.7x latency budget needs at least one factorised layer"
-    meter = ctx.meter()
-    predicted = meter.total({lp.name: (lp.form, lp.ranks) for lp in plan.layers})
-    assert predicted <= budget.ms * (1 + 1e-9)
-    dense = meter.total({})
-    assert dense > budget.ms  # the dense model alone would miss it: the plan had to cut
+    assert table.total_ms > 0 and table.other_ms >= 0
+    for layer in inv.layers:
+        curves = table.layers[layer.name].curves
+        assert set(curves) == {f for f in layer.forms if f in ("tucker2", "svd")}, layer.name
+        for curve in curves.values():
+            assert (np.diff(curve.ms) >= 0).all() and (curve.ms > 0).all()
 
 
 def test_latency_table_lookup_is_monotone(models):

@@ -25,6 +25,16 @@ from compression.plan import LayerPlan, RankPlan, default_form, layer_plan
 from compression.progress import Progress, silent
 
 BUDGET_TOLERANCE = 0.01  # every method lands within 1 % of the target (or as close as ranks allow)
+# Which layers a method may factorise by default: k x k convolutions with at least
+# MIN_WEIGHTS weights and more than STEM_CHANNELS input channels. Measured on
+# Fashion-MNIST (bench/quality.py, 3x fewer MACs): factorising every layer cut the
+# stem (1 input channel) to an output rank of 4 and the 10-way classifier to rank 5,
+# leaving 15-26 % top-1 right after compression, where tensorly-torch, which
+# factorises only such k x k convs, kept 68 %. 1x1 convs and linear layers save
+# little and sit on residual shortcuts and at the logits; a stem's input mode
+# cannot shrink, so its factorisation only narrows its output.
+MIN_WEIGHTS = 512
+STEM_CHANNELS = 4
 
 
 @dataclass
@@ -64,8 +74,23 @@ class SelectionContext:
     progress: Progress = silent
     device: str = "cpu"
     seed: int = 0
-    options: dict = field(default_factory=dict)  # method-specific knobs
+    options: dict = field(default_factory=dict)  # method-specific knobs (and ``all_layers``, see candidates)
     latency: object | None = None  # compression.latency.LatencyTable for latency budgets
+    _candidates: tuple[list[LayerInfo], dict[str, str]] | None = field(default=None, init=False, repr=False)
+
+    def candidates(self) -> list[LayerInfo]:
+        """The layers a method may factorise: the k x k convolutions that matter (see
+        MIN_WEIGHTS), or every decomposable layer when those alone cannot meet the budget
+        (an MLP, a transformer, a parameter budget on a model whose weights sit in its
+        linear layers). Option ``all_layers``: True always takes every layer, False never does."""
+        if self._candidates is None:
+            self._candidates = _candidates(self)
+        return self._candidates[0]
+
+    def kept_dense(self) -> dict[str, str]:
+        """Why each decomposable layer outside ``candidates()`` stays dense."""
+        self.candidates()
+        return self._candidates[1]  # type: ignore[index]
 
     def forms_for(self, layer: LayerInfo) -> tuple[str, ...]:
         if self.form == "auto":
@@ -113,17 +138,21 @@ class Meter:
     def fits(self, value: float) -> bool:
         return value <= self.target * (1 + 1e-9)
 
-    def check_reachable(self, ctx: SelectionContext) -> None:
-        """Raise a clear error when even rank 1 everywhere misses the budget."""
+    def smallest(self, ctx: SelectionContext, layers: list[LayerInfo]) -> float:
+        """Whole-network cost with rank 1 (in its cheapest form) in each of ``layers``."""
         floor = {}
-        for layer in ctx.inventory.decomposable:
+        for layer in layers:
             best = min(
                 ((f, (1,) * len(max_ranks(f, layer.c_out, layer.c_in, *layer.kernel))) for f in ctx.forms_for(layer)),
                 key=lambda c: self.layer_cost(layer, *c),
             )
             if self.layer_cost(layer, *best) < self.layer_cost(layer, None, None):
                 floor[layer.name] = best
-        smallest = self.total(floor)
+        return self.total(floor)
+
+    def check_reachable(self, ctx: SelectionContext) -> None:
+        """Raise a clear error when even rank 1 everywhere misses the budget."""
+        smallest = self.smallest(ctx, ctx.inventory.decomposable)
         if smallest > self.target:
             unit = {"flops": "MACs", "params": "parameters", "latency": "ms"}[self.budget.metric]
             raise BudgetError(
@@ -131,6 +160,30 @@ class Meter:
                 f"{smallest:.4g} {unit} (the target is {self.target:.4g}, the original {self.original:.4g}); "
                 f"the largest reachable reduction is {self.original / smallest:.2f}x"
             )
+
+
+def _skip_reason(layer: LayerInfo) -> str | None:
+    kh, kw = layer.kernel
+    if layer.kind != "conv2d" or (kh, kw) == (1, 1):
+        return "1x1 conv or linear layer: left to the k x k convolutions (method option all_layers includes it)"
+    if layer.c_in <= STEM_CHANNELS:
+        return f"only {layer.c_in} input channel(s): a factorisation could only narrow its output"
+    if layer.c_out * layer.c_in * kh * kw < MIN_WEIGHTS:
+        return f"fewer than {MIN_WEIGHTS} weights: too small to be worth a factorisation's error"
+    return None
+
+
+def _candidates(ctx: SelectionContext) -> tuple[list[LayerInfo], dict[str, str]]:
+    every = [layer for layer in ctx.inventory.decomposable if layer.forms]
+    wanted = ctx.options.get("all_layers")
+    if wanted:
+        return every, {}
+    kept = {layer.name: why for layer in every if (why := _skip_reason(layer)) is not None}
+    picked = [layer for layer in every if layer.name not in kept]
+    meter = ctx.meter() if wanted is None and kept else None
+    if meter is not None and (not picked or not meter.fits(meter.smallest(ctx, picked))):
+        return every, {}  # the budget needs the other layers too
+    return picked, kept
 
 
 class RankSelector(ABC):
@@ -155,7 +208,7 @@ def plan_from_choice(ctx: SelectionContext, choice: dict[str, tuple[str, tuple[i
         if not layer.decomposable:
             dense[layer.name] = layer.skip_reason or "not decomposable"
         elif layer.name not in choice:
-            dense[layer.name] = "kept dense by the method"
+            dense[layer.name] = ctx.kept_dense().get(layer.name, "kept dense by the method")
         else:
             form, ranks = choice[layer.name]
             if meter.layer_cost(layer, form, ranks) >= meter.layer_cost(layer, None, None):

@@ -392,6 +392,7 @@ class Batude(RankSelector):
         student = copy.deepcopy(ctx.gm).to(ctx.device)
         student.eval()  # BN statistics and dropout frozen (see module docstring)
         slots = []
+        wanted = {layer.name for layer in ctx.candidates()}
         for layer in ctx.inventory.layers:
             try:
                 p = _make_parameter(student, layer.weight)
@@ -399,7 +400,7 @@ class Batude(RankSelector):
                 continue
             if layer.bias:
                 _make_parameter(student, layer.bias)
-            if not layer.decomposable or not p.is_floating_point():
+            if layer.name not in wanted or not p.is_floating_point():
                 continue
             form = layer_form(layer)
             slots.append(_Slot(layer, form, p, mode_dims(form)))

@@ -46,7 +46,7 @@ def energy_ranks(ctx: SelectionContext, layer: LayerInfo, form: str, e: float, s
 def choose(ctx: SelectionContext, meter: Meter, spectra: Spectra, e: float) -> dict:
     """The choice at energy ``e``: layers past break-even stay dense."""
     choice = {}
-    for layer in ctx.inventory.decomposable:
+    for layer in ctx.candidates():
         if ctx.form == "auto":
             ref = "tucker2" if "tucker2" in layer.forms else layer.forms[0]
             ranks = energy_ranks(ctx, layer, ref, e, spectra)
@@ -70,7 +70,7 @@ class Energy(RankSelector):
         meter.check_reachable(ctx)
         spectra = spectra_for(ctx)
         ctx.progress("ranks", 0.0, "energy: computing spectra")
-        for layer in ctx.inventory.decomposable:
+        for layer in ctx.candidates():
             spectra.get(layer)
         ctx.progress("ranks", 0.3, "energy: bisecting the threshold")
         cache: dict[float, dict] = {}

@@ -4,10 +4,10 @@ arXiv 2409.03555; v2 names it RENE), with an exact budget.
 Reading implemented here (DESIGN.md 1.2; the authors' MIT code, aah94/RENE, was
 consulted for the loop structure):
 
-1. Searched layers: k x k convs (k > 1), groups 1, >= 512 weights. Linear and
-   1x1 convs (SVD form) join when ``options['all_layers']`` is true, or, by
-   default (``all_layers`` unset), only when the budget cannot be met with the
-   k x k convs alone (rank 1 everywhere still too expensive).
+1. Searched layers: ``ctx.candidates()``, the default shared by every method
+   (k x k convs with >= 512 weights and more than 4 input channels; every
+   decomposable layer when those alone cannot meet the budget, or when
+   ``options['all_layers']`` is true).
 2. Per searched layer: a candidate set of *tied* ranks r (Tucker-2:
    R_in = R_out = r, each capped at its mode's maximum; CP / CP4 / SVD: the one
    rank), logits alpha and one factorised weight per candidate. The forward pass
@@ -85,7 +85,6 @@ from compression.ranks.base import Meter, RankSelector, SelectionContext, plan_f
 from compression.ranks.fill import below_break_even, fill_to_budget
 from compression.rewrite import get_tensor
 
-MIN_WEIGHTS = 512
 SMALL_MODEL = 1_000_000  # weights in decomposable layers below which the search runs on one thread
 DEFAULTS: dict = {
     "lr": 1e-3, "lr_alpha": None, "momentum": 0.9, "warmup": 20, "steps": 100, "rounds": 3, "candidates": 8,
@@ -519,20 +518,8 @@ class Rene(RankSelector):
 
     # -- which layers, which forms ------------------------------------------------
     def _layers(self, ctx: SelectionContext, meter: Meter, opts: dict) -> list[_Layer]:
-        def conv_kxk(layer: LayerInfo) -> bool:
-            kh, kw = layer.kernel
-            return (layer.kind == "conv2d" and (kh, kw) != (1, 1) and layer.groups == 1
-                    and layer.c_out * layer.c_in * kh * kw >= MIN_WEIGHTS)
-
-        decomposable = [layer for layer in ctx.inventory.decomposable if layer.forms]
-        every = opts.get("all_layers")
-        if every:
-            picked = decomposable
-        else:
-            picked = [layer for layer in decomposable if conv_kxk(layer)]
-            if every is None and not self._reachable(ctx, meter, picked):
-                picked = decomposable
-        self.stats["all_layers"] = len(picked) == len(decomposable)
+        picked = ctx.candidates()
+        self.stats["all_layers"] = not ctx.kept_dense()
         out = []
         for layer in picked:
             forms = ctx.forms_for(layer)
@@ -542,17 +529,6 @@ class Rene(RankSelector):
             if lay.rmax >= 1:
                 out.append(lay)
         return out
-
-    def _reachable(self, ctx: SelectionContext, meter: Meter, picked: list[LayerInfo]) -> bool:
-        floor = {}
-        for layer in picked:
-            for form in ctx.forms_for(layer):
-                ranks = (1,) * len(max_ranks(form, layer.c_out, layer.c_in, *layer.kernel))
-                if below_break_even(meter, layer, form, ranks):
-                    best = floor.get(layer.name)
-                    if best is None or meter.layer_cost(layer, form, ranks) < meter.layer_cost(layer, *best):
-                        floor[layer.name] = (form, ranks)
-        return meter.fits(meter.total(floor))
 
     def _auto_form(self, ctx: SelectionContext, meter: Meter, layer: LayerInfo, forms: tuple[str, ...],
                    weight: Tensor, opts: dict) -> str:

@@ -30,7 +30,7 @@ class Uniform(RankSelector):
     def select(self, ctx: SelectionContext) -> RankPlan:
         meter = ctx.meter()
         meter.check_reachable(ctx)
-        layers = ctx.inventory.decomposable
+        layers = ctx.candidates()
 
         def ranks_at(layer, form: str, ratio: float, rnd=round) -> tuple[int, ...]:
             lim = limits(layer, form)

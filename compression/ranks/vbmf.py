@@ -109,7 +109,7 @@ class VBMF(RankSelector):
         meter.check_reachable(ctx)
         spectra = spectra_for(ctx)
         ctx.progress("ranks", 0.0, "vbmf: estimating ranks")
-        est = {layer.name: vbmf_ranks(layer, spectra.get(layer)) for layer in ctx.inventory.decomposable}
+        est = {layer.name: vbmf_ranks(layer, spectra.get(layer)) for layer in ctx.candidates()}
 
         def scaled(layer: LayerInfo, form: str, f: float) -> tuple[int, ...]:
             r_in, r_out = est[layer.name]
@@ -123,7 +123,7 @@ class VBMF(RankSelector):
 
         def build(f: float) -> dict:
             choice = {}
-            for layer in ctx.inventory.decomposable:
+            for layer in ctx.candidates():
                 if ctx.form == "auto":
                     ref = "tucker2" if "tucker2" in layer.forms else layer.forms[0]
                     picked = best_form_within(ctx, meter, layer, meter.layer_cost(layer, ref, scaled(layer, ref, f)),
@@ -139,7 +139,7 @@ class VBMF(RankSelector):
 
         # The largest useful factor takes every layer to its maximum ranks.
         f_hi = max((max(limits(layer, form)) / min(est[layer.name])
-                    for layer in ctx.inventory.decomposable for form in ctx.forms_for(layer)), default=1.0)
+                    for layer in ctx.candidates() for form in ctx.forms_for(layer)), default=1.0)
         ctx.progress("ranks", 0.3, "vbmf: bisecting the weakening factor")
         choice = bisect_knob(build, meter, 0.0, max(f_hi, 1.0) * 1.01, iters=50)
         choice = fill_to_budget(ctx, choice, meter=meter, spectra=spectra)
