@@ -146,6 +146,24 @@ def test_a_sweep_is_recorded_once_per_budget_after_the_jobs_own(api: Api) -> Non
     assert len(api.enqueued.calls) == 1
 
 
+def test_manual_ranks_imply_the_manual_method_and_are_checked(api: Api) -> None:
+    user = api.user()
+    model = api.upload_model(user)
+    body = {"model_id": model["id"], "input_spec": "3,16,16", "budget": "flops:2x"}
+    problem = assert_problem(api.client.post(f"{API}/jobs", headers=user, json={**body, "method": "manual"}),
+                             422, field="ranks")
+    assert "needs ranks" in problem["detail"]
+    problem = assert_problem(api.client.post(f"{API}/jobs", headers=user,
+                                             json={**body, "method": "energy", "ranks": {"conv2": [4, 8]}}),
+                             422, field="ranks")
+    assert "only by method 'manual'" in problem["detail"]
+    assert api.enqueued.calls == []
+    r = api.client.post(f"{API}/jobs", headers=user, json={**body, "ranks": {"conv2": [4, 8], "conv1": 0.5}})
+    assert r.status_code == 201, r.text
+    assert r.json()["method"] == "manual"
+    assert r.json()["options"] == {"method_options": {"ranks": {"conv2": [4, 8], "conv1": 0.5}}}
+
+
 def test_list_pages_with_a_cursor_and_filters_by_status(make_api: Callable[..., Api]) -> None:
     api = make_api(quota_concurrent_jobs=10)
     user = api.user()

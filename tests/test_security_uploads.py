@@ -135,6 +135,14 @@ def test_input_spec_that_does_not_fit_and_an_impossible_budget_are_422s(sqlite_a
     body = assert_problem(r, 422, code="invalid_budget", field="sweep")
     assert body["detail"].startswith("'flops:10000x' in sweep: ") and "largest reachable" in body["detail"], body
     assert sqlite_api.enqueued.calls == []
+    # manual ranks are checked against the inspected layer table, with the engine's words
+    for ranks, words in (({"nope": [1, 1]}, "'nope' is not in the model; decomposable layers: "),
+                         ({"conv2": [99, 1]}, "R_in=99 is out of range for tucker2: allowed 1..")):
+        r = sqlite_api.client.post(f"{API}/jobs", headers=h,
+                                   json={"model_id": model["id"], "budget": "flops:2x", "ranks": ranks})
+        body = assert_problem(r, 422, field="ranks")
+        assert words in body["detail"], body
+    assert sqlite_api.enqueued.calls == []
     ok = sqlite_api.create_job(h, model["id"], budget="flops:2x")  # a reachable one still passes
     assert ok["status"] == "queued"
 

@@ -8,6 +8,7 @@ and phone widths, go to tests/artifacts/screenshots/.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import socket
@@ -267,6 +268,30 @@ def test_bad_file_and_impossible_budget_show_next_to_their_fields(page: Any, ser
     assert "'flops:1000x' in sweep" in sweep_error.inner_text() and "cannot be met" in sweep_error.inner_text()
     assert page.evaluate("document.activeElement.id") == "sweep"
     assert page.locator("#budget-error").is_hidden() and "/ui/jobs/new" in page.url
+
+
+def test_manual_ranks_are_edited_checked_and_applied(page: Any, server: Server, files: dict[str, Path]) -> None:
+    sign_in(page, server.keys["alice"])
+    upload_model(page, files["model"])
+    page.locator("#layer-table tbody tr").first.wait_for()
+    assert page.locator("#manual-field").is_hidden()
+    page.get_by_label("Manual").check()
+    ranks = page.get_by_label("Ranks per layer (JSON)")
+    assert json.loads(ranks.input_value()) == {"conv1": 0.5, "conv2": 0.5, "fc": 0.5}  # the starting point
+    ranks.fill("{conv2: [4, 8]")
+    page.get_by_role("button", name="Start compression").click()
+    assert "JSON object" in page.locator("#ranks-error").inner_text()
+    ranks.fill('{"conv2": [99, 8]}')
+    page.get_by_role("button", name="Start compression").click()
+    page.locator("#ranks-error", has_text="out of range").wait_for()
+    assert page.evaluate("document.activeElement.id") == "ranks"
+    shoot(page, "manual-ranks")
+    ranks.fill('{"conv2": [4, 8]}')
+    page.get_by_role("button", name="Start compression").click()
+    page.wait_for_url(re.compile(r"/ui/jobs/[0-9a-f-]{36}$"))
+    page.locator("#job-status", has_text="Done").wait_for(timeout=JOB_TIMEOUT_MS)
+    page.locator("#ranks-chart svg").wait_for()
+    assert "tucker2 · rank 4, 8" in page.locator("#ranks-chart").inner_text()
 
 
 def test_another_users_job_is_not_reachable(page: Any, server: Server) -> None:

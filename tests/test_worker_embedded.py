@@ -72,3 +72,11 @@ def test_a_sweep_job_keeps_its_own_budgets_model_and_stores_the_curve(tmp_path: 
     assert b"<svg" in artifact("sweep.html")
     progress = [e.progress for e in job.events if e.kind == "progress"]
     assert progress == sorted(progress) and {e.phase for e in job.events if e.kind == "progress"} >= {"sweep"}
+
+
+def test_a_manual_job_gets_exactly_the_ranks_it_asked_for(tmp_path: Path) -> None:
+    job, _ = _run_embedded(tmp_path, budget="flops:2x", method="manual",
+                           options={"method_options": {"ranks": {"c2": [4, 8], "fc": [3]}}})
+    assert sorted((r.layer, r.form, list(r.ranks)) for r in job.layer_ranks) == [("c2", "tucker2", [4, 8]),
+                                                                                 ("fc", "svd", [3])]
+    assert job.metrics["rank_method"] == "manual"

@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from app.schemas.common import ORM
 
 Form = Literal["tucker2", "cp", "cp4"]
+RankEntry = list[int] | int | float | dict[str, Any]
 MAX_SWEEP = 6  # budgets in one sweep, the job's own included: each one is a full compression run
 
 
@@ -62,6 +63,14 @@ class JobCreate(BaseModel):
         default=None,
         description="fine-tune after decomposing: on the dataset, or data-free (inputs synthesised from "
         "batch-norm statistics) without one",
+    )
+    ranks: dict[str, RankEntry] | None = Field(
+        default=None,
+        max_length=10_000,
+        description="method `manual`: ranks per layer, named as the model's layer table lists them: "
+        "`[R_in, R_out]` (Tucker-2), `[R]` (CP, SVD), a ratio in (0, 1] of the layer's maximum ranks, or "
+        "`{form, ranks | ratio}`; layers not named stay dense. Giving ranks implies method `manual`",
+        examples=[{"layer1.0.conv1": [16, 24], "layer1.0.conv2": 0.5}],
     )
     sweep: list[str] | None = Field(
         default=None,
@@ -115,8 +124,14 @@ class JobCreate(BaseModel):
             raise ValueError(f"unknown method {value!r}: choose one of {', '.join(sorted(METHODS))}, or leave it out")
         return value
 
+    def chosen_method(self) -> str | None:
+        """The method to record: ``manual`` when ranks are given without one."""
+        return "manual" if self.ranks is not None and self.method is None else self.method
+
     def options(self) -> dict[str, Any]:
         options: dict[str, Any] = {"finetune": self.finetune.model_dump()} if self.finetune else {}
+        if self.ranks is not None:
+            options["method_options"] = {"ranks": self.ranks}
         if self.sweep:
             options["sweep"] = self.budgets()[1:]
         return options

@@ -18,7 +18,7 @@ from app.models import Artifact, Job, JobEvent, JobStatus, LayerRank, User
 from app.problems import Conflict, NotFound, Unprocessable
 from app.schemas.jobs import JobCreate
 from app.services import quota
-from app.services.budget_check import check_budget_reachable
+from app.services.budget_check import check_budget_reachable, rebuild_inventory
 from app.services.datasets import get_dataset
 from app.services.models import get_model
 from app.services.pagination import Cursor, page
@@ -92,10 +92,43 @@ def _same_request(job: Job, body: JobCreate, input_spec: str) -> bool:
         and job.dataset_id == body.dataset_id
         and job.input_spec == input_spec
         and job.budget == body.budget
-        and job.method == body.method
+        and job.method == body.chosen_method()
         and job.form == body.form
         and (job.options or {}) == body.options()
     )
+
+
+def check_manual_ranks(body: JobCreate, inventory: dict[str, Any] | None) -> None:
+    """422 on the ``ranks`` field when method and ranks disagree or, with the model's layer
+    table at hand, when a name or a rank is wrong (the engine's own check, same message)."""
+    method = body.chosen_method()
+    if method == "manual" and not body.ranks:
+        raise Unprocessable("method 'manual' needs ranks: {layer name: [ranks] or a ratio in (0, 1]}, "
+                            "names as the model's layer table lists them", field="ranks")
+    if body.ranks is not None and method != "manual":
+        raise Unprocessable(f"ranks are used only by method 'manual', not {method!r}: leave the method out "
+                            "or drop the ranks", field="ranks")
+    if method != "manual" or not inventory:
+        return
+    from compression.errors import RankError
+    from compression.ranks.base import SelectionContext
+    from compression.ranks.manual import parse_entry
+
+    inv = rebuild_inventory(inventory)
+    if inv is None:
+        return  # the worker checks against the real graph
+    names = {layer.name: layer for layer in inv.layers}
+    ctx = SelectionContext(None, inv, None, None, form=body.form)  # type: ignore[arg-type]  # only form is read
+    for name, value in (body.ranks or {}).items():
+        layer = names.get(name)
+        if layer is None or not layer.decomposable:
+            valid = ", ".join(x.name for x in inv.decomposable)
+            why = "is not in the model" if layer is None else f"cannot be decomposed ({layer.skip_reason})"
+            raise Unprocessable(f"layer {name!r} {why}; decomposable layers: {valid}", field="ranks")
+        try:
+            parse_entry(ctx, layer, value)
+        except RankError as exc:
+            raise Unprocessable(exc.message, code=exc.code, field="ranks") from None
 
 
 def _replay(job: Job, body: JobCreate, input_spec: str, key: str) -> Job:
@@ -138,6 +171,7 @@ def create_job(
         return _replay(existing, body, input_spec, idempotency_key), False
     if body.dataset_id is not None:
         get_dataset(session, owner, body.dataset_id)
+    check_manual_ranks(body, model.inventory if input_spec == model.input_spec else None)
     if input_spec == model.input_spec:  # the stored layer table was measured at this shape
         check_budget_reachable(model.inventory, body.budget, body.form)
         for extra in body.sweep or []:
@@ -151,7 +185,7 @@ def create_job(
         "dataset_id": body.dataset_id,
         "input_spec": input_spec,
         "budget": body.budget,
-        "method": body.method,
+        "method": body.chosen_method(),
         "form": body.form,
         "options": body.options(),
         "idempotency_key": idempotency_key,

@@ -38,8 +38,17 @@
       tbody.appendChild(tr);
     });
     $("model-summary").hidden = false;
+    var start = {};  // the manual method's starting point: half ranks in every decomposable layer
+    (inv ? inv.layers : []).forEach(function (l) { if (l.decomposable) start[l.name] = 0.5; });
+    $("ranks").value = JSON.stringify(start, null, 1);
     updatePreview();
   }
+
+  function showManual() {
+    var manual = $("method-manual").checked;
+    $("manual-field").hidden = !manual;
+  }
+  document.querySelectorAll('input[name="method"]').forEach(function (r) { r.addEventListener("change", showManual); });
 
   $("model-form").addEventListener("submit", function (ev) {
     ev.preventDefault();
@@ -144,7 +153,7 @@
   /* ---- submit ---- */
   var JOB_FIELDS = {
     budget: "budget-error", method: "method-error", model_id: "model-file-error", input_spec: "input-spec-error",
-    dataset_id: "dataset-file-error", form: "job-error", sweep: "sweep-error",
+    dataset_id: "dataset-file-error", form: "job-error", sweep: "sweep-error", ranks: "ranks-error",
   };
 
   $("job-form").addEventListener("submit", function (ev) {
@@ -166,6 +175,14 @@
       form: $("form-select").value,
     };
     if (state.model.input_spec) body.input_spec = state.model.input_spec;
+    if (body.method === "manual") {
+      try { body.ranks = JSON.parse($("ranks").value); } catch (e) { body.ranks = null; }
+      if (!body.ranks || typeof body.ranks !== "object" || Array.isArray(body.ranks)) {
+        TT.showError("ranks-error", "Write the ranks as a JSON object, e.g. {\"conv1\": [8, 16], \"fc\": 0.5}.");
+        $("ranks").focus();
+        return;
+      }
+    }
     if (state.dataset) body.dataset_id = state.dataset.id;
     if ($("finetune").checked) body.finetune = { epochs: parseInt($("finetune-epochs").value, 10) || 1 };
     var sweep = $("sweep").value.split(",").map(function (b) { return b.trim(); }).filter(Boolean);

@@ -21,9 +21,8 @@ METHODS: list[tuple[str, str, str]] = [
     ("energy", "Energy", "One global singular-value energy threshold, bisected to meet the budget."),
     ("vbmf", "VBMF", "Bayesian rank estimates per layer (Kim et al.), scaled down to meet the budget."),
     ("uniform", "Uniform", "The same rank ratio in every layer: simple and predictable baseline."),
-    ("manual", "Manual", "Per-layer ranks you choose yourself (CLI only for now: the web form cannot send ranks)."),
+    ("manual", "Manual", "Per-layer ranks you choose yourself, starting from half of every layer's ranks."),
 ]
-UI_METHODS = {name for name, *_ in METHODS if name != "manual"}
 STATUS_LABELS = {
     "queued": "Queued",
     "running": "Running",
