@@ -41,6 +41,13 @@ class StorageFull(StorageError):
     code = "storage_full"
 
 
+class StorageUnavailable(StorageError):
+    """The storage backend failed a request (an object store down or refusing): HTTP 503,
+    worth a retry, unlike a full disk."""
+
+    code = "storage_unavailable"
+
+
 class TooLarge(StorageError):
     """The stream went past the size cap (HTTP 413)."""
 

@@ -32,7 +32,7 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
-from app.storage import _KEY, Kind, StorageError, StoredFile, TooLarge
+from app.storage import _KEY, Kind, StorageUnavailable, StoredFile, TooLarge
 
 if TYPE_CHECKING:
     from starlette.responses import Response
@@ -43,12 +43,6 @@ MiB = 1 << 20
 MIN_PART_BYTES = 5 * MiB  # S3's floor for every part but the last
 DEFAULT_PART_BYTES = 8 * MiB
 _MISSING = {"NoSuchKey", "404", "NotFound"}
-
-
-class StorageUnavailable(StorageError):
-    """The object store refused or failed a request (HTTP 503 material, not a full disk)."""
-
-    code = "storage_unavailable"
 
 
 def _normalise_prefix(prefix: str) -> str:
@@ -117,7 +111,7 @@ class S3Storage:
     def size(self, key: str) -> int:
         try:
             head = self.client.head_object(Bucket=self.bucket, Key=self.object_name(key))
-        except ClientError as e:
+        except (ClientError, BotoCoreError) as e:
             raise self._error(e, key) from e
         return int(head["ContentLength"])
 
@@ -168,9 +162,9 @@ class S3Storage:
         name = self.object_name(key)
         try:
             self.client.delete_object(Bucket=self.bucket, Key=name)
-        except ClientError as e:
+        except (ClientError, BotoCoreError) as e:
             if self._code(e) not in _MISSING:
-                raise StorageUnavailable(f"deleting an object failed: {self._code(e)}") from e
+                raise StorageUnavailable(f"deleting an object failed: {self._code(e) or e}") from e
 
     def check_free_space(self, needed: int) -> None:
         """An object store has no volume to fill: this checks the bucket answers (readiness)."""
@@ -218,14 +212,15 @@ class S3Storage:
     def _get(self, key: str) -> dict[str, Any]:
         try:
             return self.client.get_object(Bucket=self.bucket, Key=self.object_name(key))  # type: ignore[no-any-return]
-        except ClientError as e:
+        except (ClientError, BotoCoreError) as e:
             raise self._error(e, key) from e
 
     @staticmethod
-    def _code(e: ClientError) -> str:
-        return str(e.response.get("Error", {}).get("Code", ""))
+    def _code(e: ClientError | BotoCoreError) -> str:
+        response = getattr(e, "response", None) or {}
+        return str(response.get("Error", {}).get("Code", ""))
 
-    def _error(self, e: ClientError, key: str) -> Exception:
+    def _error(self, e: ClientError | BotoCoreError, key: str) -> Exception:
         code = self._code(e)
         if code in _MISSING:
             return FileNotFoundError(errno.ENOENT, "no such object in storage", key)

@@ -290,3 +290,16 @@ def test_api_upload_and_artifact_download_through_s3(
     assert too_big.status_code == 413 and too_big.json()["code"] == "too_large"
     assert len(started) == 1
     assert _objects(storage) == [] and _pending_uploads(storage) == []
+
+
+def test_an_object_store_outage_is_a_503_to_retry_and_keeps_nothing(
+    make_api: Callable[..., Api], s3_settings: dict[str, Any]
+) -> None:
+    down = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
+    api = make_api(**{**s3_settings, "s3_endpoint_url": down})
+    user = api.user()
+    r = api.client.post(f"{API}/models", headers=user, params={"input_spec": "3,16,16"}, content=model_bytes())
+    assert r.status_code == 503, r.text
+    assert r.json()["code"] == "storage_unavailable" and "nothing was stored" in r.json()["detail"]
+    assert int(r.headers["Retry-After"]) > 0
+    assert api.client.get(f"{API}/models", headers=user).json()["items"] == []

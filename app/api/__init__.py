@@ -11,6 +11,7 @@ from sqlalchemy import exc as sa_exc
 from app import problems
 from app.api import datasets, jobs, metrics, models
 from app.api.deps import API_PREFIX
+from app.storage import StorageUnavailable
 
 __all__ = ["API_PREFIX", "api_router", "install"]
 
@@ -46,10 +47,25 @@ def _connection_problem(exc: Exception) -> bool:
     return isinstance(exc, (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError))
 
 
+STORAGE_RETRY_AFTER_S = 10
+
+
+async def _on_storage_down(request: Request, exc: Exception) -> JSONResponse:
+    """The object store is unreachable: a 503 to retry; nothing half-stored stays (the
+    writers abort their multipart uploads before this is raised)."""
+    log.warning("storage unavailable on %s %s: %s", request.method, request.url.path, exc)
+    body = problems.problem_body(
+        503, "storage_unavailable",
+        f"file storage is unavailable; nothing was stored. Retry in {STORAGE_RETRY_AFTER_S} s",
+    )
+    return problems.problem_response(503, body, {"Retry-After": str(STORAGE_RETRY_AFTER_S)})
+
+
 def install(app: FastAPI) -> None:
     """Register the API, its error handlers and /metrics on ``app``."""
     problems.install(app)
     app.add_exception_handler(sa_exc.DBAPIError, _on_database_down)
     app.add_exception_handler(sa_exc.TimeoutError, _on_database_down)  # pool exhausted while it is down
+    app.add_exception_handler(StorageUnavailable, _on_storage_down)
     metrics.install(app)
     app.include_router(api_router)
