@@ -4,6 +4,7 @@ the service adds ``serve``, ``worker`` and ``keys`` through ``extend_parser``.""
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -88,8 +89,15 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
     spec = _spec(args)
     progress = _bars() if not args.quiet else (lambda *a: None)
-    common = {"out_dir": args.output, "form": args.form, "method": args.method, "data": args.data,
-              "finetune": _finetune_options(args), "device": args.device, "progress": progress}
+    options = dict(args.method_options or {})
+    method = args.method
+    if args.layer_ranks is not None:
+        if method not in (None, "manual"):
+            raise SystemExit(f"error: --layer-ranks is for --method manual, not {method!r}")
+        method, options["ranks"] = "manual", args.layer_ranks
+    common = {"out_dir": args.output, "form": args.form, "method": method, "data": args.data,
+              "finetune": _finetune_options(args), "device": args.device, "progress": progress,
+              "method_options": options or None, "latency": not args.no_latency}
     if args.sweep:
         report = sweep(args.model, spec, [b.strip() for b in args.sweep.split(",")], **common)
         print(f"{'budget':>12} {'MACs ratio':>10} {'accuracy':>9}")
@@ -99,8 +107,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
         print(f"wrote {Path(args.output) / 'sweep.json'} and report.html; one folder per budget")
         return 0
     result = compress(args.model, spec, args.budget, ranks=args.ranks, **common)
-    if args.budget:
-        print(f"ranks chosen by {result.plan.method} under {args.budget}"
+    if args.budget or method == "manual":
+        print(f"ranks chosen by {result.plan.method}" + (f" under {args.budget}" if args.budget else "")
               + (f" ({result.plan.note})" if result.plan.note else ""))
     print(f"MACs:   {_fmt(result.macs_before)} -> {_fmt(result.macs_after)}  ({result.macs_ratio:.2f}x fewer)")
     print(f"params: {_fmt(result.params_before)} -> {_fmt(result.params_after)}  ({result.params_ratio:.2f}x fewer)")
@@ -119,6 +127,22 @@ def cmd_compress(args: argparse.Namespace) -> int:
         print(f"wrote {Path(args.output) / name} ({check.method}, {_fmt(check.size_bytes)}B, verified)")
     print(f"wrote {Path(args.output) / 'report.json'} and report.html")
     return 0
+
+
+def _json_object(text: str) -> dict:
+    """A JSON object given inline or as @file."""
+    if text.startswith("@"):
+        try:
+            text = Path(text[1:]).read_text()
+        except OSError as e:
+            raise argparse.ArgumentTypeError(f"cannot read {text[1:]}: {e.strerror}") from None
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"not JSON ({e}); e.g. '{{\"conv1\": [8, 16]}}'") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("give a JSON object, e.g. '{\"conv1\": [8, 16]}'")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -146,6 +170,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", help="choose ranks under a budget: 'flops:3x', 'params:0.4', 'latency:8ms@1'")
     p.add_argument("--method", choices=sorted(METHODS), default=None,
                    help=f"rank-selection method for --budget (default: {default_method(False)} without data)")
+    p.add_argument("--method-options", type=_json_object, metavar="JSON",
+                   help='method knobs as JSON (or @file), e.g. \'{"all_layers": true}\' to factorise 1x1 and '
+                        "linear layers too")
+    p.add_argument("--layer-ranks", type=_json_object, metavar="JSON",
+                   help='per-layer ranks (or @file), implies --method manual: \'{"conv1": [8, 16], "fc": 0.5}\'; '
+                        "layers not named stay dense")
     p.add_argument("--sweep", help="several budgets, comma-separated: writes the accuracy-vs-MACs curve")
     p.add_argument("--data", help="data set: .npz with x (and y) arrays, or an image-folder zip")
     p.add_argument("--finetune", action="store_true", help="fine-tune after decomposition (data-free without --data)")
@@ -154,6 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     p.add_argument("-o", "--output", required=True, help="output directory")
+    p.add_argument("--no-latency", action="store_true", help="skip timing the original and compressed files")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_compress)
 

@@ -144,9 +144,10 @@ def compress(
     teacher = copy.deepcopy(gm)  # the original, as the reference for distillation and evaluation
 
     with timer("ranks"):
-        if budget is not None:
-            selector, plan = _select(gm, inventory, spec, budget, form, method, fit, method_options, device,
-                                     seed, progress)
+        if budget is not None or method == "manual":
+            # manual ranks need no budget; one of "keep everything" only prices the plan
+            selector, plan = _select(gm, inventory, spec, budget or Budget("flops", keep=1.0), form, method, fit,
+                                     method_options, device, seed, progress)
             # Methods that train the network (BATUDE) hand back trained weights:
             # the factors come from those, not from the original.
             if hasattr(selector, "load_trained"):

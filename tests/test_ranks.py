@@ -365,3 +365,29 @@ def test_pipeline_and_cli_take_a_budget(tmp_path):
     assert (args.budget, args.method, args.form) == ("params:0.4", "vbmf", "auto")
     with pytest.raises(SystemExit):
         build_parser().parse_args(["compress", "m.pt", "-o", "out", "--method", "nope"])
+
+
+def test_cli_takes_manual_layer_ranks_and_method_options(tmp_path, capsys):
+    import json
+
+    from compression.cli import main
+
+    model, spec = zoo.vgg_like()
+    path = tmp_path / "m.pt"
+    torch.jit.save(torch.jit.script(model), str(path))
+    base = ["compress", str(path), "--input-shape", spec, "-q", "--no-latency"]
+
+    def planned(out: str) -> dict:
+        report = json.loads((tmp_path / out / "report.json").read_text())
+        return {lp["name"]: lp["ranks"] for lp in report["plan"]["layers"]}
+
+    assert main([*base, "-o", str(tmp_path / "manual"), "--layer-ranks", '{"2": [4, 8], "13": [3]}']) == 0
+    assert planned("manual") == {"2": [4, 8], "13": [3]}  # exactly the layers named, nothing else
+    assert "ranks chosen by manual" in capsys.readouterr().out
+    assert main([*base, "-o", str(tmp_path / "default"), "--budget", "flops:2x", "--method", "uniform"]) == 0
+    assert main([*base, "-o", str(tmp_path / "all"), "--budget", "flops:2x", "--method", "uniform",
+                 "--method-options", '{"all_layers": true}']) == 0
+    assert "0" not in planned("default") and "0" in planned("all")  # the 3-channel stem joins only on request
+    with pytest.raises(SystemExit) as info:
+        main([*base, "-o", str(tmp_path / "bad"), "--layer-ranks", "{2: [4, 8]}"])
+    assert info.value.code == 2 and "not JSON" in capsys.readouterr().err
