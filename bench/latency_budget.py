@@ -27,9 +27,8 @@ import platform
 import statistics
 
 import torch
-from torch import nn
 
-from bench.models import resnet18
+from bench.models import SmallConvNet, resnet18
 from bench.ranks import RESULTS
 from compression.budget import Budget
 from compression.input_spec import InputSpec
@@ -39,22 +38,7 @@ from compression.model_io import to_editable
 from compression.ranks import SelectionContext, select_ranks
 from compression.rewrite import apply_plan
 
-
-class SmallNet(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.stem = nn.Conv2d(3, 64, 3, padding=1)
-        self.convs = nn.ModuleList([nn.Conv2d(64, 64, 3, padding=1) for _ in range(4)])
-        self.fc = nn.Linear(64, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = torch.relu(self.stem(x))
-        for conv in self.convs:
-            x = torch.relu(conv(x))
-        return self.fc(x.mean((2, 3)))
-
-
-MODELS = {"small": (SmallNet, "3,32,32"), "resnet18": (resnet18, "3,112,112")}
+MODELS = {"small": (SmallConvNet, "3,32,32"), "resnet18": (resnet18, "3,112,112")}
 
 
 def run(models: list[str], targets: list[float]) -> list[dict]:

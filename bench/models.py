@@ -46,3 +46,20 @@ class ResNet18(nn.Module):
 def resnet18(seed: int = 0) -> ResNet18:
     torch.manual_seed(seed)
     return ResNet18().eval()
+
+
+class SmallConvNet(nn.Module):
+    """3x32x32 input: a 64-channel stem, four 64-channel 3x3 convs, a linear head. Small
+    enough for tests, large enough that its 3x3 convs dominate the latency."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 64, 3, padding=1)
+        self.convs = nn.ModuleList([nn.Conv2d(64, 64, 3, padding=1) for _ in range(4)])
+        self.fc = nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.stem(x))
+        for conv in self.convs:
+            x = torch.relu(conv(x))
+        return self.fc(x.mean((2, 3)))

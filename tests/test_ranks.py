@@ -12,8 +12,8 @@ import math
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
+from bench.models import SmallConvNet
 from compression.budget import Budget
 from compression.errors import BudgetError, RankError
 from compression.input_spec import InputSpec
@@ -255,20 +255,6 @@ def test_planted_ranks_uniform_misses_them(capsys):
 # ---------------------------------------------------------------- latency
 
 
-class _LatencyNet(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.stem = nn.Conv2d(3, 64, 3, padding=1)
-        self.convs = nn.ModuleList([nn.Conv2d(64, 64, 3, padding=1) for _ in range(4)])
-        self.fc = nn.Linear(64, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = torch.relu(self.stem(x))
-        for conv in self.convs:
-            x = torch.relu(conv(x))
-        return self.fc(x.mean((2, 3)))
-
-
 def _table_from_macs(inv, forms=("tucker2", "svd"), per_mmac=1.0, per_call=0.02, other=0.3):
     """A latency table with known numbers: a conv costs ``per_mmac`` ms per million MACs
     plus ``per_call`` ms per kernel launch (one dense, three for a factorised layer)."""
@@ -298,7 +284,7 @@ def test_latency_budget_is_met_on_the_table_it_was_chosen_by():
     a built model is as fast as a measured table says is bench/latency_budget.py's job."""
     torch.manual_seed(0)
     spec = InputSpec.parse("3,32,32")
-    gm = editable(_LatencyNet().eval(), spec)
+    gm = editable(SmallConvNet().eval(), spec)
     inv = build_inventory(gm, spec)
     table = _table_from_macs(inv)
     budget = Budget("latency", ms=0.7 * table.total_ms, batch=1)
@@ -320,7 +306,7 @@ def test_measured_latency_table_covers_every_layer():
     from compression.latency import build_latency_table
 
     spec = InputSpec.parse("3,32,32")
-    gm = editable(_LatencyNet().eval(), spec)
+    gm = editable(SmallConvNet().eval(), spec)
     inv = build_inventory(gm, spec)
     table = build_latency_table(gm, inv, spec, batch=1, device="cpu", repeats=3, forms=("tucker2",), clock="cpu",
                                 stat="min")
