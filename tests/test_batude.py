@@ -96,7 +96,9 @@ def test_batude_hits_the_budget_within_one_percent_measured_after_rewrite(model,
             f"  {lp.name:20s} batude {lp.ranks!s:10s} uniform {_ranks(uniform).get(lp.name, 'dense')!s:10s}"
             f" err {lp.predicted_error:.3f}"
         )
-    assert target * 0.99 <= measured <= target * 1.0001
+    assert measured <= target * 1.0001
+    if measured < target * 0.99:
+        zoo.assert_no_rank_step_fits(ctx.meter(), plan)
     assert plan.layers, "nothing was decomposed"
     for lp in plan.layers:  # no layer becomes costlier, in any metric
         assert lp.macs_after < lp.macs_before and lp.params_after < lp.params_before

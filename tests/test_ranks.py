@@ -82,22 +82,9 @@ def test_budget_met_within_one_percent(models, method, model, budget):
     achieved = s.achieved(plan, b.metric)
     assert achieved / b.keep - 1 <= 0.01, (method, model, budget, achieved, plan.note)
     if achieved / b.keep - 1 < -0.01:  # further under only where ranks allow no closer fit
-        _assert_no_rank_step_fits(s.ctx(budget).meter(), plan)
+        zoo.assert_no_rank_step_fits(s.ctx(budget).meter(), plan)
     _check_no_layer_costlier(plan)
     assert plan.method == method and plan.layers
-
-
-def _assert_no_rank_step_fits(meter, plan) -> None:
-    from compression.forms import max_ranks
-
-    choice = {lp.name: (lp.form, tuple(lp.ranks)) for lp in plan.layers}
-    for name, (form, ranks) in choice.items():
-        layer = meter.inventory.by_name(name)
-        top = max_ranks(form, layer.c_out, layer.c_in, *layer.kernel)
-        for i in range(len(ranks)):
-            if ranks[i] < top[i]:
-                bumped = {**choice, name: (form, ranks[:i] + (ranks[i] + 1,) + ranks[i + 1:])}
-                assert not meter.fits(meter.total(bumped)), f"{name} rank {i} + 1 still fits the budget"
 
 
 @pytest.mark.parametrize("method", AUTO_METHODS)

@@ -173,3 +173,18 @@ def save_ts(module: torch.jit.ScriptModule, tmp_path: Path, name: str = "model.p
     path = Path(tmp_path) / name
     torch.jit.save(module, str(path))
     return path
+
+
+def assert_no_rank_step_fits(meter, plan) -> None:
+    """A plan under its budget by more than the 1 % tolerance is fine only where ranks
+    allow nothing closer: raising any one rank by one must overshoot."""
+    from compression.forms import max_ranks
+
+    choice = {lp.name: (lp.form, tuple(lp.ranks)) for lp in plan.layers}
+    for name, (form, ranks) in choice.items():
+        layer = meter.inventory.by_name(name)
+        top = max_ranks(form, layer.c_out, layer.c_in, *layer.kernel)
+        for i in range(len(ranks)):
+            if ranks[i] < top[i]:
+                bumped = {**choice, name: (form, ranks[:i] + (ranks[i] + 1,) + ranks[i + 1:])}
+                assert not meter.fits(meter.total(bumped)), f"{name} rank {i} + 1 still fits the budget"
