@@ -157,6 +157,9 @@ def test_manual_ranks_imply_the_manual_method_and_are_checked(api: Api) -> None:
                                              json={**body, "method": "energy", "ranks": {"conv2": [4, 8]}}),
                              422, field="ranks")
     assert "only by method 'manual'" in problem["detail"]
+    problem = assert_problem(api.client.post(f"{API}/jobs", headers=user, json={
+        **body, "ranks": {"conv2": [4, 8]}, "sweep": ["flops:3x"]}), 422, field="sweep")
+    assert "manual ranks ignore" in problem["detail"]
     assert api.enqueued.calls == []
     r = api.client.post(f"{API}/jobs", headers=user, json={**body, "ranks": {"conv2": [4, 8], "conv1": 0.5}})
     assert r.status_code == 201, r.text

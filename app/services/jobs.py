@@ -108,6 +108,9 @@ def check_manual_ranks(body: JobCreate, inventory: dict[str, Any] | None) -> Non
     if body.ranks is not None and method != "manual":
         raise Unprocessable(f"ranks are used only by method 'manual', not {method!r}: leave the method out "
                             "or drop the ranks", field="ranks")
+    if method == "manual" and body.sweep:
+        raise Unprocessable("a sweep varies the budget, which manual ranks ignore: drop the sweep or choose "
+                            "another method", field="sweep")
     if method != "manual" or not inventory:
         return
     from compression.errors import RankError
