@@ -9,9 +9,11 @@ import json
 import pytest
 import torch
 
+from compression.budget import Budget
 from compression.inventory import count_macs
 from compression.pipeline import compress, sweep
-from compression.ranks.base import Data
+from compression.ranks.base import Data, Meter
+from tests import zoo
 from tests.digits import SPEC, accuracy, digits, trained_cnn
 
 
@@ -30,7 +32,9 @@ def _all_data() -> Data:
 def test_3x_fewer_macs_with_finetuning_stays_within_2_points(model_file, tmp_path):
     result = compress(model_file, SPEC, "flops:3x", data=_all_data(), out_dir=tmp_path,
                       finetune={"epochs": 6, "lr": 0.05})
-    assert abs(result.macs_ratio / 3 - 1) < 0.01
+    assert result.macs_ratio >= 3 * (1 - 1e-9)
+    if result.macs_ratio > 3 * 1.01:  # further only where no single rank step fits
+        zoo.assert_no_rank_step_fits(Meter(result.inventory, Budget.parse("flops:3x")), result.plan)
     _, test = digits()
     original = accuracy(torch.jit.load(str(model_file)), test)
     compressed = accuracy(torch.jit.load(str(tmp_path / "model.pt")), test)
