@@ -147,8 +147,9 @@ class Supervisor:
                           "progress": round(self.overall, 4), "message": p.message, "eta_s": self.eta_s()})
         return changed
 
-    def heartbeat(self, session: Session, *, event: bool = False) -> JobStatus:
-        """Write liveness + progress; raise JobLost if another attempt holds the job."""
+    def heartbeat(self, session: Session, *, phases: list[str] | tuple[str, ...] = ()) -> JobStatus:
+        """Write liveness + progress, and one progress event per phase in ``phases`` (the
+        phases entered since the last write); raise JobLost if another attempt holds the job."""
         eta = self.eta_s()
         message = self.message + (f" (about {eta:.0f}s left)" if eta is not None else "")
         status = state.heartbeat(session, self.job_id, self.attempt, progress=self.overall,
@@ -156,9 +157,10 @@ class Supervisor:
         if status is None:
             session.rollback()
             raise JobLost
-        if event and self.phase is not None:
-            session.add(JobEvent(job_id=self.job_id, attempt=self.attempt, kind="progress", phase=self.phase,
-                                 progress=self.overall, message=self.message[:1000] or None))
+        for phase in phases:
+            message = self.message if phase == self.phase else None
+            session.add(JobEvent(job_id=self.job_id, attempt=self.attempt, kind="progress", phase=phase,
+                                 progress=self.overall, message=(message or "")[:1000] or None))
         session.commit()
         self.last_heartbeat = time.monotonic()
         return status
@@ -360,22 +362,23 @@ def _supervise(rt: Runtime, sup: Supervisor, box: Sandbox) -> str:
     with rt.sessions() as session:
         try:
             while True:
-                phase_changed = False
-                for p in box.drain():
-                    phase_changed |= sup.on_progress(p)
+                # Every phase entered gets its event, even when several pass within one drain.
                 now = time.monotonic()
-                throttled = now - sup.last_phase_event.get(sup.phase or "", 0.0) < PHASE_EVENT_MIN_S
-                if (phase_changed and not throttled) or now - sup.last_heartbeat >= interval:
-                    if phase_changed and not throttled:
-                        sup.last_phase_event[sup.phase or ""] = now
-                    status = sup.heartbeat(session, event=phase_changed and not throttled)
+                entered = [p.phase for p in box.drain() if sup.on_progress(p)]
+                fresh = [q for q in dict.fromkeys(entered)
+                         if now - sup.last_phase_event.get(q, 0.0) >= PHASE_EVENT_MIN_S]
+                if fresh or now - sup.last_heartbeat >= interval:
+                    for q in fresh:
+                        sup.last_phase_event[q] = now
+                    status = sup.heartbeat(session, phases=fresh)
                     if status == JobStatus.CANCELLING:
                         box.write_log("[supervisor] cancel requested: stopping the child")
                         box.kill("cancelled")
                         return "cancelled"
                 if box.poll() is not None:
-                    for p in box.drain():
-                        sup.on_progress(p)
+                    last = [p.phase for p in box.drain() if sup.on_progress(p)]
+                    if last:
+                        sup.heartbeat(session, phases=list(dict.fromkeys(last)))
                     return "exited"
                 if box.timed_out():
                     box.write_log(f"[supervisor] wall-clock limit of {box.limits.wall_s:.0f}s reached")
