@@ -117,13 +117,17 @@ class Supervisor:
         self.attempt = attempt
         self.phase: str | None = None
         self.phase_fraction = 0.0
-        self.overall = 0.0
         self._overall = Overall()
         self.message = ""
         self.started = time.monotonic()
         self.last_heartbeat = 0.0
         self.last_phase_event: dict[str, float] = {}
         self.last_publish = 0.0
+
+    @property
+    def overall(self) -> float:
+        """The whole job's fraction done (from the phases reported so far)."""
+        return self._overall.value
 
     # -- reporting ---------------------------------------------------------------
     def publish(self, event: dict[str, Any]) -> None:
@@ -139,7 +143,7 @@ class Supervisor:
         """Fold one progress report in; True when the phase changed (worth a DB write now)."""
         changed = p.phase != self.phase
         self.phase, self.phase_fraction, self.message = p.phase, p.fraction, p.message
-        self.overall = self._overall.update(p.phase, p.fraction)
+        self._overall.update(p.phase, p.fraction)
         now = time.monotonic()
         if changed or p.fraction >= 1.0 or now - self.last_publish > 0.25:
             self.last_publish = now
