@@ -62,12 +62,16 @@ available):
   would change the model being compressed).
 * ``rho`` is constant unless ``rho_growth`` > 1, which multiplies it after
   every epoch of the second half ("raised late").
+* No mode's rank falls below half what a uniform split of the budget gives it
+  (``compression.ranks.floor``; option ``min_rank_share``, 0 = the paper's
+  unconstrained greedy): the ADMM pull feeds the greedy's preference, so
+  without it single modes collapsed to rank 1 at 5x.
 
 Options (``ctx.options``): ``epochs`` (3), ``lr`` (1e-3), ``rho`` (1e-3),
 ``rho_growth`` (1.0), ``batch_size`` (32), ``momentum`` (0.9),
 ``weight_decay`` (0), ``clip`` (gradient-norm clip, 5.0), ``samples``
 (random inputs per epoch without data, 256), ``steps_per_epoch`` (cap, None),
-``energy`` ("relative" | "absolute"), ``fill`` (True).
+``energy`` ("relative" | "absolute"), ``fill`` (True), ``min_rank_share`` (0.5).
 """
 
 from __future__ import annotations
@@ -86,6 +90,7 @@ from compression.inventory import LayerInfo
 from compression.plan import RankPlan
 from compression.ranks.base import Meter, RankSelector, SelectionContext, plan_from_choice
 from compression.ranks.fill import below_break_even, fill_to_budget
+from compression.ranks.floor import rank_floor
 from compression.ranks.spectra import predicted_error, spectra_for
 from compression.rewrite import get_tensor
 
@@ -163,7 +168,8 @@ class GreedyResult:
 
 
 def greedy_ranks(meter: Meter, layers: list[LayerInfo], forms: list[str],
-                 energies: list[list[Tensor]], *, finish: bool = True) -> GreedyResult:
+                 energies: list[list[Tensor]], *, finish: bool = True,
+                 floors: list[tuple[int, ...]] | None = None) -> GreedyResult:
     """Budget-aware greedy thresholding (BATUDE's Z-step rank choice).
 
     ``energies[i][n]`` holds the (descending) energies ``sigma^2`` of mode ``n``
@@ -185,12 +191,14 @@ def greedy_ranks(meter: Meter, layers: list[LayerInfo], forms: list[str],
     Known behaviour: the saving of one mode shrinks as the other mode's rank
     falls, so on flat spectra (e.g. untrained weights) the greedy tends to push
     one mode of a layer to rank 1 and keep the other full; that is the optimum
-    of the additive energy proxy, not a bug of the search.
+    of the additive energy proxy, not a bug of the search. ``floors[i][n]``
+    (default 1) is the lowest rank a mode may reach (``compression.ranks.floor``).
 
     A heap keeps this O(drops * log(modes)): every drop re-scores both modes of
     its layer (entries carry the layer's version; stale ones are skipped).
     """
     ranks = [[len(e) for e in modes] for modes in energies]
+    low = [[max(1, f) for f in fl] for fl in floors] if floors is not None else [[1] * len(r) for r in ranks]
     dense = [meter.layer_cost(layer, None, None) for layer in layers]
     flat = [[e.tolist() for e in modes] for modes in energies]
 
@@ -218,7 +226,7 @@ def greedy_ranks(meter: Meter, layers: list[LayerInfo], forms: list[str],
 
     def push(i: int) -> None:
         for n, r in enumerate(ranks[i]):
-            if r <= 1:
+            if r <= low[i][n]:
                 continue
             lower = list(ranks[i])
             lower[n] -= 1
@@ -249,7 +257,7 @@ def greedy_ranks(meter: Meter, layers: list[LayerInfo], forms: list[str],
             best = (lost(i, n), -new_total, i, n, f, e)
             for j in range(len(layers)):
                 for m in range(len(ranks[j])):
-                    if ranks[j][m] > 1 and (j, m) != (i, n):
+                    if ranks[j][m] > low[j][m] and (j, m) != (i, n):
                         fj, ej, tj = dropped(j, m)
                         if meter.fits(tj):
                             best = min(best, (lost(j, m), -tj, j, m, fj, ej))
@@ -281,6 +289,7 @@ class _Slot:
     u: list[Tensor] = field(default_factory=list)
     anchor: list[Tensor] = field(default_factory=list)  # Z_n - U_n in the weight's dtype (the W-step's pull)
     ranks: tuple[int, ...] = ()
+    floor: tuple[int, ...] = ()  # lowest ranks the Z-step may choose (compression.ranks.floor)
     dense: bool = False  # past break-even at the last Z-step
 
     def set_anchor(self) -> None:
@@ -365,6 +374,9 @@ class Batude(RankSelector):
             teacher = self._teacher(ctx)
             batches, describe = self._data_source(ctx, opts)
             notes.append(describe)
+            floor = rank_floor(ctx, meter)
+            for s in slots:
+                s.floor = floor.of(s.layer, s.form)
             self._z_step(meter, slots, opts)
             for s in slots:
                 s.u = [torch.zeros_like(s.param, dtype=torch.float64) for _ in s.dims]
@@ -460,7 +472,8 @@ class Batude(RankSelector):
                 en.append(e.cpu())
             spectra.append(per_mode)
             energies.append(en)
-        result = greedy_ranks(meter, [s.layer for s in slots], [s.form for s in slots], energies)
+        result = greedy_ranks(meter, [s.layer for s in slots], [s.form for s in slots], energies,
+                              floors=[s.floor for s in slots])
         for s, per_mode, ranks in zip(slots, spectra, result.ranks):
             s.ranks = ranks
             s.dense = not below_break_even(meter, s.layer, s.form, ranks)

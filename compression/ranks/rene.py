@@ -42,7 +42,9 @@ consulted for the loop structure):
    measured once by putting a single truncated layer in the network and
    measuring the output change. Tucker-2 ranks may untie in this last step
    (single-mode steps make the budget exact). ``fill.fill_to_budget`` spends any
-   slack left.
+   slack left. Candidates, argmax and projection stay at or above the rank
+   floor (``compression.ranks.floor``: half a uniform split's ranks; option
+   ``min_rank_share``): without it the search emptied single layers at 5x.
 5. Search schedule: SGD Nesterov 0.9, lr 1e-3 for both groups, 20 weight-only
    warm-up steps then 100 joint steps per round; rank = argmax p; refine:
    candidates r* +- s/2 at step s // 10, fresh cores and logits; at most 3 rounds.
@@ -62,7 +64,7 @@ consulted for the loop structure):
 Options (``ctx.options``): all_layers, lr, lr_alpha, warmup, steps, rounds,
 candidates, refine, gamma, beta, batch, samples, side (data-free input side),
 clip, dual_rate, cp_iters, exchange (projection exchange passes), probe_error,
-weight_every, weight_work, threads. ``Rene().stats`` holds the last run's numbers.
+weight_every, weight_work, threads, min_rank_share. ``Rene().stats`` holds the last run's numbers.
 """
 
 from __future__ import annotations
@@ -83,6 +85,7 @@ from compression.linalg import cp_decompose, cp_reconstruct, leading_left_singul
 from compression.plan import RankPlan
 from compression.ranks.base import Meter, RankSelector, SelectionContext, plan_from_choice
 from compression.ranks.fill import below_break_even, fill_to_budget
+from compression.ranks.floor import RankFloor, rank_floor
 from compression.rewrite import get_tensor
 
 SMALL_MODEL = 1_000_000  # weights in decomposable layers below which the search runs on one thread
@@ -574,11 +577,15 @@ class Rene(RankSelector):
         dense_cost = {lay.info.name: meter.layer_cost(lay.info, None, None) for lay in layers}
         lam = 1.0
         guards_events = 0
-        steps_of = {lay.info.name: max(1, math.ceil(lay.rmax / opts["candidates"])) for lay in layers}
+        floor = rank_floor(ctx, meter)
+        low = {lay.info.name: min(lay.rmax, max(floor.of(lay.info, lay.form))) for lay in layers}  # tied rank
+        steps_of = {lay.info.name: max(1, math.ceil((lay.rmax - low[lay.info.name] + 1) / opts["candidates"]))
+                    for lay in layers}
         cands = {}
         for lay in layers:
-            s = steps_of[lay.info.name]
-            cands[lay.info.name] = sorted({min(lay.rmax, s * j) for j in range(1, opts["candidates"] + 1)})
+            name = lay.info.name
+            s = steps_of[name]
+            cands[name] = sorted({min(lay.rmax, low[name] - 1 + s * j) for j in range(1, opts["candidates"] + 1)})
         rounds = int(opts["rounds"])
         picked: dict[str, int] = {}
         done_rounds = 0
@@ -604,7 +611,7 @@ class Rene(RankSelector):
                 if nxt >= 1:
                     again = True
                     r = picked[name]
-                    lo, hi = max(1, r - s // 2), min(lay.rmax, r + s // 2)
+                    lo, hi = max(low[name], r - s // 2), min(lay.rmax, r + s // 2)
                     cands[name] = sorted(set(range(lo, hi + 1, nxt)) | {r})
                     steps_of[name] = nxt
                 else:
@@ -617,7 +624,7 @@ class Rene(RankSelector):
         with torch.no_grad():
             self._sensitivities(ctx, gm, mods, layers, start, batches, opts)
         ctx.progress("ranks", 0.9, "rene: projecting onto the budget")
-        state, moved = self._project(meter, layers, start, fixed, opts)
+        state, moved = self._project(meter, layers, start, fixed, opts, floor)
         choice = {lay.info.name: (lay.form, state[lay.info.name]) for lay in layers
                   if state[lay.info.name] is not None}
         if meter.total(choice) < meter.target * (1 - 1e-3):  # slack the projection could not spend
@@ -755,10 +762,12 @@ class Rene(RankSelector):
 
     # -- exact budget ----------------------------------------------------------------
     def _project(self, meter: Meter, layers: list[_Layer], start: dict[str, tuple[int, ...]], fixed: float,
-                 opts: dict) -> tuple[dict[str, tuple[int, ...] | None], int]:
+                 opts: dict, floor: RankFloor) -> tuple[dict[str, tuple[int, ...] | None], int]:
         """Greedy projection of the argmax ranks onto the budget (see the module docstring)."""
         by = {lay.info.name: lay for lay in layers}
-        state: dict[str, tuple[int, ...] | None] = dict(start)
+        lows = {n: floor.of(lay.info, lay.form) for n, lay in by.items()}
+        state: dict[str, tuple[int, ...] | None] = {
+            n: tuple(max(r, f) for r, f in zip(ranks, lows[n])) for n, ranks in start.items()}
         cost_cache: dict[tuple[str, tuple[int, ...] | None], float] = {}
 
         def cost(n: str, ranks: tuple[int, ...] | None) -> float:
@@ -773,7 +782,7 @@ class Rene(RankSelector):
 
         def ok(n: str, ranks: tuple[int, ...]) -> bool:
             lay = by[n]
-            return all(1 <= r <= m for r, m in zip(ranks, lay.lim)) and below_break_even(
+            return all(f <= r <= m for r, f, m in zip(ranks, lows[n], lay.lim)) and below_break_even(
                 meter, lay.info, lay.form, ranks)
 
         def steps(n: str, ranks: tuple[int, ...] | None, up: bool) -> list[tuple[int, ...] | None]:
