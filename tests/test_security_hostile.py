@@ -203,6 +203,7 @@ def test_hostile_jobs_leak_nothing_and_write_nothing_outside_scratch(hostile: di
             assert m, log[-2000:]
             iso = json.loads(m.group(1))
             assert iso["network"] and iso["mounts"] and iso["readonly_root"] and iso["no_capabilities"], iso
+            assert iso["unprivileged_user"] or not _code_open_to_others(), iso
     _assert_clean(hostile, Path(hostile["worker"].log_path).read_bytes(), "the worker's log")
     tree_after = {p for p in hostile["tmp"].rglob("*") if p.is_file() and "storage" not in p.parts
                   and "scratch" not in p.parts and p.suffix != ".log"}
@@ -246,3 +247,55 @@ def test_sandboxed_child_has_no_network(hostile: dict, tmp_path: Path) -> None:
                            cwd=tmp_path, timeout=30)
     assert plain.returncode == 0
     assert f"127.0.0.1:{redis_port}=0" in (tmp_path / "plain.txt").read_text()
+
+
+def _code_open_to_others() -> bool:
+    from worker.sandbox import CODE_ROOT
+
+    paths = [CODE_ROOT, Path(sys.prefix), Path(sys.base_prefix), Path(os.path.realpath(sys.executable))]
+    return all(p.stat().st_mode & 0o005 == 0o005 for p in paths)
+
+
+@pytest.mark.skipif(not ROOT, reason="changing user needs root")
+@pytest.mark.skipif(not _code_open_to_others(), reason="the checkout or interpreter is closed to other users "
+                                                      "(0700): the child keeps uid 0 and says so")
+def test_sandboxed_child_cannot_read_root_only_files(tmp_path: Path) -> None:
+    """A root child without capabilities still owns root's files; the child runs as nobody."""
+    import io
+
+    from worker.sandbox import Limits, Sandbox
+
+    planted = secrets.token_hex(16)
+    loose = Path("/tmp") / f"tensortrim-root-only-{planted[:8]}"  # in a directory nobody can pass
+    loose.write_text(planted)
+    loose.chmod(0o600)
+    probe = (
+        "import os, pathlib\n"
+        "out = [f'uid={os.getuid()}']\n"
+        f"for p in ({str(loose)!r}, '/etc/shadow', {str(tmp_path / 'closed' / 'key')!r}):\n"
+        "    try:\n"
+        "        out.append(p + '=' + pathlib.Path(p).read_text())\n"
+        "    except OSError as e:\n"
+        "        out.append(p + '=' + type(e).__name__)\n"
+        "pathlib.Path('result.json').write_text(repr(out))\n"
+    )
+    closed = tmp_path / "closed"
+    closed.mkdir(mode=0o700)
+    (closed / "key").write_text(planted)
+    scratch = tmp_path / "scratch" / "job"
+    scratch.mkdir(parents=True)
+    try:
+        box = Sandbox(scratch, "", limits=Limits(30, 30, 1 << 20, 64, 4096, None), log=io.StringIO(),
+                      scratch_root=scratch.parent, command=["-c", probe])
+        assert box.finish() == 0
+        assert box.isolation.unprivileged_user and box.isolation.complete, box.isolation
+        out = (scratch / "result.json").read_text()
+        assert "uid=65534" in out and planted not in out, out
+        assert f"{loose}=PermissionError" in out, out
+        # Control: the same probe outside the sandbox (as root) reads them all.
+        plain = subprocess.run([sys.executable, "-c", probe.replace("result.json", str(tmp_path / "plain.txt"))],
+                               cwd=tmp_path, timeout=30)
+        assert plain.returncode == 0
+        assert (tmp_path / "plain.txt").read_text().count(planted) == 2
+    finally:
+        loose.unlink()

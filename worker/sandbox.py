@@ -13,7 +13,12 @@ holds nothing worth stealing and can reach little:
 * when the supervisor is root (or holds CAP_SYS_ADMIN): a new network namespace (no
   network at all), a new mount namespace in which the data directory, storage and the
   other jobs' scratch directories are hidden and every mount except its own scratch is
-  read-only, and an empty capability bounding set (so the child cannot undo any of it).
+  read-only, an empty capability bounding set (so the child cannot undo any of it), and
+  the unprivileged user ``nobody`` (a root child, even without capabilities, still owns
+  every root-owned file: /etc/shadow, /root/.ssh, a 0600 settings file). Directories
+  that ``nobody`` cannot traverse on the way to what the child needs (the interpreter
+  under /root/.pyenv, a 0700 temporary directory holding the code or the scratch) are
+  covered by an empty tmpfs in which only those paths are bound back.
   Without privileges this part is skipped and recorded; ``require_isolation`` refuses.
 
 The parent does not trust what the child reports about itself: it reads the child's
@@ -54,6 +59,7 @@ MAX_LINE = 64 * 1024  # longer protocol lines are dropped
 MAX_EVENTS = 10_000
 ENV_PASSTHROUGH = ("PATH", "LANG", "LC_ALL", "TZ")
 CODE_ROOT = Path(__file__).resolve().parent.parent  # the directory holding worker/ and compression/
+CHILD_UID = CHILD_GID = 65534  # nobody / nogroup
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -77,15 +83,19 @@ class Isolation:
     mounts: bool = False
     readonly_root: bool = False
     no_capabilities: bool = False
+    unprivileged_user: bool = False
     note: str = ""
 
     @property
     def complete(self) -> bool:
+        # unprivileged_user is reported, not required: it needs the code and interpreter
+        # readable by 'nobody', which a 0700 checkout is not (see _make_reachable)
         return self.network and self.mounts and self.readonly_root and self.no_capabilities
 
     def to_dict(self) -> dict[str, Any]:
         return {"attempted": self.attempted, "network": self.network, "mounts": self.mounts,
-                "readonly_root": self.readonly_root, "no_capabilities": self.no_capabilities, "note": self.note}
+                "readonly_root": self.readonly_root, "no_capabilities": self.no_capabilities,
+                "unprivileged_user": self.unprivileged_user, "note": self.note}
 
 
 @dataclass
@@ -161,15 +171,66 @@ def _isolate(scratch: str, scratch_root: str, hide: list[str]) -> None:
     os.makedirs(scratch, exist_ok=True)
     _mount(f"/proc/self/fd/{keep}", scratch, None, MS_BIND)
     os.close(keep)
+    os.chmod(scratch, 0o755)  # the child's own; the covers below need it open to pass through
+    drop_user = _make_reachable([scratch, str(CODE_ROOT), sys.prefix, sys.base_prefix,
+                                 os.path.realpath(sys.executable)])
     for point, flags in _mountinfo():
         if point == scratch or point.startswith(scratch.rstrip("/") + "/"):
             continue
         with contextlib.suppress(OSError):  # verified from the parent afterwards
             _mount(None, point, None, MS_REMOUNT | MS_BIND | MS_RDONLY | flags)
     os.chdir(scratch)  # the inherited cwd still points into the old, now read-only, mount
+    if drop_user:
+        for top, dirs, files in os.walk(scratch):  # the child's own files become nobody's
+            for name in [top, *(os.path.join(top, n) for n in dirs + files)]:
+                os.lchown(name, CHILD_UID, CHILD_GID)
     _libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
     for cap in range(64):  # uid 0 gets the bounding set at exec: make it empty
         _libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0)
+    if drop_user:
+        os.setgroups([])
+        os.setgid(CHILD_GID)
+        os.setuid(CHILD_UID)  # clears the permitted and effective capabilities too
+
+
+def _open_to_others(path: str, bits: int) -> bool:
+    """Whether a user other than the owner and group has ``bits`` (0o001 = x, 0o004 = r) on ``path``."""
+    return os.stat(path).st_mode & bits == bits
+
+
+def _make_reachable(paths: list[str]) -> bool:
+    """Cover each top-most directory that ``nobody`` cannot traverse on the way to one of
+    ``paths`` with an empty tmpfs (so whatever else it held is gone), then bind the
+    needed paths back at their own places (handles are opened before anything is
+    covered). False, with nothing changed, when a needed path itself is closed to
+    others (a 0700 checkout): the child then keeps uid 0 and the parent records it."""
+    wanted = list(dict.fromkeys(os.path.realpath(p) for p in paths))
+    if not all(_open_to_others(p, 0o005) for p in wanted):
+        return False
+    # a path inside another needed one comes back with it
+    wanted = [p for p in wanted if not any(p.startswith(q.rstrip("/") + "/") for q in wanted)]
+    blocked: dict[str, list[str]] = {}  # top-most closed ancestor -> the needed paths below it
+    for path in wanted:
+        parts = path.strip("/").split("/")
+        for i in range(1, len(parts)):
+            ancestor = "/" + "/".join(parts[:i])
+            if not _open_to_others(ancestor, 0o001):
+                blocked.setdefault(ancestor, []).append(path)
+                break
+    mask = os.umask(0o022)  # the child's 077 would close the directories made below
+    for cover, below in blocked.items():
+        handles = [(path, os.open(path, os.O_PATH)) for path in below]
+        _mount("tmpfs", cover, "tmpfs", MS_NOSUID | MS_NODEV, "size=16k,mode=0755")
+        for path, fd in handles:
+            if os.path.isdir(f"/proc/self/fd/{fd}"):
+                os.makedirs(path, mode=0o755, exist_ok=True)
+            else:
+                os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+                open(path, "w").close()  # noqa: SIM115 - a mount point for the file
+            _mount(f"/proc/self/fd/{fd}", path, None, MS_BIND)
+            os.close(fd)
+    os.umask(mask)
+    return True
 
 
 def _preexec(limits: Limits, isolate: tuple[str, str, list[str]] | None) -> Any:
@@ -213,6 +274,12 @@ def inspect_isolation(pid: int, attempted: bool) -> Isolation:
         with open(f"/proc/{pid}/status") as f:
             caps = dict(line.split(":", 1) for line in f if line.startswith("Cap"))
         iso.no_capabilities = int(caps["CapBnd"].strip(), 16) == 0 and int(caps["CapEff"].strip(), 16) == 0
+        with open(f"/proc/{pid}/status") as f:
+            ids = dict(line.split(":", 1) for line in f if line.startswith(("Uid", "Gid")))
+        iso.unprivileged_user = all(v != "0" for key in ("Uid", "Gid") for v in ids[key].split())
+        if not iso.unprivileged_user:
+            iso.note = (f"the child runs as root without capabilities: {CODE_ROOT} or the interpreter "
+                        "is not readable by 'nobody' (make them o+rx to run it unprivileged)")
     except (OSError, KeyError, ValueError) as e:
         iso.note = f"could not inspect the child: {e}"
     if not iso.complete and not iso.note:
