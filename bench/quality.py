@@ -645,6 +645,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Confi
         repeats=a.repeats,
         method_options=json.loads(a.method_options) if a.method_options else ({"batude": {"epochs": 1}} if quick
                                                                               else {}))
+    if not seed_list:
+        p.error("--seeds 0 runs nothing: give a count >= 1 (3 = seeds 0,1,2) or a comma-separated list (0,1)")
     unknown = [m for m in cfg.methods if m not in METHODS] + [n for n in cfg.nets if n not in NETS]
     if unknown:
         p.error(f"unknown method or net: {', '.join(unknown)}")
