@@ -13,8 +13,8 @@ from compression.ranks.batude import Batude, greedy_ranks
 from compression.ranks.floor import rank_floor
 from compression.ranks.rene import Rene
 from compression.ranks.uniform import Uniform
-from tests.test_batude import _conv, _editable, _meter
 from tests import zoo
+from tests.test_batude import _conv, _editable, _meter
 
 
 @pytest.fixture(scope="module")

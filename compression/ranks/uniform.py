@@ -18,7 +18,14 @@ from __future__ import annotations
 import math
 
 from compression.plan import RankPlan
-from compression.ranks.base import BUDGET_TOLERANCE, Meter, RankSelector, SelectionContext, bisect_knob, plan_from_choice
+from compression.ranks.base import (
+    BUDGET_TOLERANCE,
+    Meter,
+    RankSelector,
+    SelectionContext,
+    bisect_knob,
+    plan_from_choice,
+)
 from compression.ranks.fill import below_break_even, fill_to_budget, limits, tied, tied_ranks
 from compression.ranks.spectra import predicted_error, spectra_for
 
