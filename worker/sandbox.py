@@ -172,8 +172,7 @@ def _isolate(scratch: str, scratch_root: str, hide: list[str]) -> None:
     _mount(f"/proc/self/fd/{keep}", scratch, None, MS_BIND)
     os.close(keep)
     os.chmod(scratch, 0o755)  # the child's own; the covers below need it open to pass through
-    drop_user = _make_reachable([scratch, str(CODE_ROOT), sys.prefix, sys.base_prefix,
-                                 os.path.realpath(sys.executable)])
+    drop_user = _make_reachable([scratch, *interpreter_paths()])
     for point, flags in _mountinfo():
         if point == scratch or point.startswith(scratch.rstrip("/") + "/"):
             continue
@@ -193,7 +192,12 @@ def _isolate(scratch: str, scratch_root: str, hide: list[str]) -> None:
         os.setuid(CHILD_UID)  # clears the permitted and effective capabilities too
 
 
-def _open_to_others(path: str, bits: int) -> bool:
+def interpreter_paths() -> list[str]:
+    """What the child must reach besides its scratch: the code, the environment, the interpreter."""
+    return [str(CODE_ROOT), sys.prefix, sys.base_prefix, os.path.realpath(sys.executable)]
+
+
+def open_to_others(path: str, bits: int) -> bool:
     """Whether a user other than the owner and group has ``bits`` (0o001 = x, 0o004 = r) on ``path``."""
     return os.stat(path).st_mode & bits == bits
 
@@ -205,7 +209,7 @@ def _make_reachable(paths: list[str]) -> bool:
     covered). False, with nothing changed, when a needed path itself is closed to
     others (a 0700 checkout): the child then keeps uid 0 and the parent records it."""
     wanted = list(dict.fromkeys(os.path.realpath(p) for p in paths))
-    if not all(_open_to_others(p, 0o005) for p in wanted):
+    if not all(open_to_others(p, 0o005) for p in wanted):
         return False
     # a path inside another needed one comes back with it
     wanted = [p for p in wanted if not any(p.startswith(q.rstrip("/") + "/") for q in wanted)]
@@ -214,7 +218,7 @@ def _make_reachable(paths: list[str]) -> bool:
         parts = path.strip("/").split("/")
         for i in range(1, len(parts)):
             ancestor = "/" + "/".join(parts[:i])
-            if not _open_to_others(ancestor, 0o001):
+            if not open_to_others(ancestor, 0o001):
                 blocked.setdefault(ancestor, []).append(path)
                 break
     mask = os.umask(0o022)  # the child's 077 would close the directories made below
@@ -272,11 +276,9 @@ def inspect_isolation(pid: int, attempted: bool) -> Isolation:
                 if fields[4] == "/":
                     iso.readonly_root = "ro" in fields[5].split(",")
         with open(f"/proc/{pid}/status") as f:
-            caps = dict(line.split(":", 1) for line in f if line.startswith("Cap"))
-        iso.no_capabilities = int(caps["CapBnd"].strip(), 16) == 0 and int(caps["CapEff"].strip(), 16) == 0
-        with open(f"/proc/{pid}/status") as f:
-            ids = dict(line.split(":", 1) for line in f if line.startswith(("Uid", "Gid")))
-        iso.unprivileged_user = all(v != "0" for key in ("Uid", "Gid") for v in ids[key].split())
+            status = dict(line.split(":", 1) for line in f if ":" in line)
+        iso.no_capabilities = int(status["CapBnd"].strip(), 16) == 0 and int(status["CapEff"].strip(), 16) == 0
+        iso.unprivileged_user = all(v != "0" for key in ("Uid", "Gid") for v in status[key].split())
         if not iso.unprivileged_user:
             iso.note = (f"the child runs as root without capabilities: {CODE_ROOT} or the interpreter "
                         "is not readable by 'nobody' (make them o+rx to run it unprivileged)")

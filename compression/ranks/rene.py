@@ -85,7 +85,7 @@ from compression.linalg import cp_decompose, cp_reconstruct, leading_left_singul
 from compression.plan import RankPlan
 from compression.ranks.base import Meter, RankSelector, SelectionContext, plan_from_choice
 from compression.ranks.fill import below_break_even, fill_to_budget
-from compression.ranks.floor import RankFloor, rank_floor
+from compression.ranks.floor import rank_floor
 from compression.rewrite import get_tensor
 
 SMALL_MODEL = 1_000_000  # weights in decomposable layers below which the search runs on one thread
@@ -578,7 +578,8 @@ class Rene(RankSelector):
         lam = 1.0
         guards_events = 0
         floor = rank_floor(ctx, meter)
-        low = {lay.info.name: min(lay.rmax, max(floor.of(lay.info, lay.form))) for lay in layers}  # tied rank
+        lows = {lay.info.name: floor.of(lay.info, lay.form) for lay in layers}  # per mode
+        low = {lay.info.name: min(lay.rmax, max(lows[lay.info.name])) for lay in layers}  # as a tied rank
         steps_of = {lay.info.name: max(1, math.ceil((lay.rmax - low[lay.info.name] + 1) / opts["candidates"]))
                     for lay in layers}
         cands = {}
@@ -624,7 +625,7 @@ class Rene(RankSelector):
         with torch.no_grad():
             self._sensitivities(ctx, gm, mods, layers, start, batches, opts)
         ctx.progress("ranks", 0.9, "rene: projecting onto the budget")
-        state, moved = self._project(meter, layers, start, fixed, opts, floor)
+        state, moved = self._project(meter, layers, start, fixed, opts, lows)
         choice = {lay.info.name: (lay.form, state[lay.info.name]) for lay in layers
                   if state[lay.info.name] is not None}
         if meter.total(choice) < meter.target * (1 - 1e-3):  # slack the projection could not spend
@@ -762,10 +763,10 @@ class Rene(RankSelector):
 
     # -- exact budget ----------------------------------------------------------------
     def _project(self, meter: Meter, layers: list[_Layer], start: dict[str, tuple[int, ...]], fixed: float,
-                 opts: dict, floor: RankFloor) -> tuple[dict[str, tuple[int, ...] | None], int]:
-        """Greedy projection of the argmax ranks onto the budget (see the module docstring)."""
+                 opts: dict, lows: dict[str, tuple[int, ...]]) -> tuple[dict[str, tuple[int, ...] | None], int]:
+        """Greedy projection of the argmax ranks onto the budget (see the module docstring);
+        ``lows``: each layer's rank floor, per mode."""
         by = {lay.info.name: lay for lay in layers}
-        lows = {n: floor.of(lay.info, lay.form) for n, lay in by.items()}
         state: dict[str, tuple[int, ...] | None] = {
             n: tuple(max(r, f) for r, f in zip(ranks, lows[n])) for n, ranks in start.items()}
         cost_cache: dict[tuple[str, tuple[int, ...] | None], float] = {}
