@@ -17,4 +17,5 @@ fi
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/pip install -q --upgrade pip
 .venv/bin/pip install -q "torch==2.13.0"
-.venv/bin/pip install -q -e ".[dev]"
+# bench: the quality benchmark's baselines, which its test runs for real
+.venv/bin/pip install -q -e ".[dev,bench]"

@@ -1,0 +1,102 @@
+"""The quality benchmark's harness (bench/quality.py), run for real at toy scale.
+
+Fashion-MNIST is replaced by a synthetic stand-in of the same shape (the
+harness, not the data, is under test here); the networks, ``compress``, the
+tensorly-torch and torch-pruning baselines, the cache and the report are the
+real ones.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from bench import quality as q
+from compression.data import train_val_split
+from compression.pipeline import TEST_FRACTION
+from compression.ranks.base import Data
+
+
+def _synthetic_fashion(split: str, root=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ten classes told apart by a bright square at a class-specific place, plus noise."""
+    n = 600 if split == "train" else 200
+    g = torch.Generator().manual_seed(0 if split == "train" else 1)
+    y = torch.arange(n) % 10
+    x = 0.3 * torch.randn(n, 1, 28, 28, generator=g)
+    for i, c in enumerate(y.tolist()):
+        r, col = divmod(c, 4)
+        x[i, 0, 2 + 8 * r: 8 + 8 * r, 2 + 6 * col: 8 + 6 * col] += 2.0
+    return x, y
+
+
+def test_pipeline_data_puts_the_test_split_exactly_where_compress_holds_out() -> None:
+    train = Data((torch.randn(80, 1, 4, 4),), torch.arange(80) % 4)
+    test = Data((torch.randn(20, 1, 4, 4),), torch.arange(20) % 4)
+    for seed in (0, 3):
+        fit, held = train_val_split(q.pipeline_data(train, test, seed), TEST_FRACTION, seed)
+        assert sorted(map(tuple, held.x[0].flatten(1).tolist())) == sorted(map(tuple, test.x[0].flatten(1).tolist()))
+        assert sorted(map(tuple, fit.x[0].flatten(1).tolist())) == sorted(map(tuple, train.x[0].flatten(1).tolist()))
+        assert sorted(held.y.tolist()) == sorted(test.y.tolist())
+    with pytest.raises(ValueError, match="use test = training / 4"):
+        q.pipeline_data(train, Data((torch.randn(8, 1, 4, 4),), torch.arange(8) % 4), 0)
+
+
+def test_networks_train_on_a_superset_of_the_fine_tuning_split_by_default() -> None:
+    _, cfg = q.parse_args([])
+    assert (cfg.n_net_train, cfg.n_train, cfg.n_test, cfg.train_epochs) == (60000, 6000, 1500, 8)
+    assert "_net60000_" in cfg.key()
+    _, quick = q.parse_args(["--quick"])
+    assert quick.n_net_train is None and "_net" not in quick.key()  # older cache keys keep their meaning
+    with pytest.raises(SystemExit):
+        q.parse_args(["--train", "2000", "--net-train", "1000"])
+    x, y = _synthetic_fashion("train")
+    small, large = q.fashion.balanced_subset(x, y, 100), q.fashion.balanced_subset(x, y, 300)
+    rows = {tuple(r) for r in large[0].flatten(1).tolist()}
+    assert all(tuple(r) in rows for r in small[0].flatten(1).tolist())
+
+
+def test_a_tiny_benchmark_runs_every_kind_of_method_resumes_from_its_cache_and_reports(
+        tmp_path, monkeypatch) -> None:
+    pytest.importorskip("tltorch")
+    pytest.importorskip("torch_pruning")
+    monkeypatch.setattr(q.fashion, "load", _synthetic_fashion)
+    monkeypatch.setattr(q, "CACHE", tmp_path / "cache")
+    monkeypatch.setattr(q, "RESULTS", tmp_path / "results")
+    out = tmp_path / "quality"
+    argv = ["--nets", "resnet", "--budgets", "3", "--methods", "uniform,tltorch,prune", "--seeds", "1",
+            "--train", "200", "--net-train", "400", "--train-epochs", "1", "--ft-epochs", "1", "--repeats", "2",
+            "--no-pretrained", "--out", str(out)]
+    assert q.main(argv) == 0
+    report = json.loads(out.with_suffix(".json").read_text())
+    meta = report["meta"]
+    assert meta["runs_completed"] == meta["runs_planned"] == 3 and not meta["runs_missing"]
+    assert report["nets"]["resnet"]["train_samples"] == 400 and meta["n_net_train"] == 400
+    rows = {r["method"]: r for r in report["rows"]}
+    assert set(rows) == {"uniform", "tltorch", "prune"}
+    for method, row in rows.items():
+        achieved, _ = row["macs_vs_target"]
+        assert 0.9 < achieved <= 1.0 + 0.011, (method, achieved)  # matched MACs: the comparison's premise
+        for key in ("top1_after_compression", "top1_finetuned"):
+            assert 0.0 <= row[key][0] <= 1.0
+    run = next(r for r in report["runs"] if r["method"] == "uniform")
+    assert run["ranks"] and run["latency_b1"]["compressed_ms"] > 0
+    md = out.with_suffix(".md").read_text()
+    assert "| resnet | 3x | tltorch | 1 |" in md and "on 400 training images" in md
+    assert (tmp_path / "cache" / "runs" / meta["config_key"] / "resnet_3x_prune_s0.json").is_file()
+
+    # A second invocation finds every run in the cache and reports the same numbers.
+    assert q.main(argv) == 0
+    again = json.loads(out.with_suffix(".json").read_text())
+    assert again["meta"]["invocations"][-1]["runs_done"] == 0
+    assert [r["top1_finetuned"] for r in again["rows"]] == [r["top1_finetuned"] for r in report["rows"]]
+
+
+def test_the_verdict_counts_a_tie_with_a_baseline_as_not_beating_it() -> None:
+    def row(method: str, acc: float) -> dict:
+        return {"net": "n", "budget": 3.0, "method": method, "top1_finetuned": (acc, 0.0)}
+
+    lines = q.verdict([row("rene", 0.90), row("tltorch", 0.90), row("prune", 0.89)], {"n": 0.904})
+    assert lines == ["rene on n at 3x: 90.00 % (-0.40 vs original); beats prune; does NOT beat tltorch 90.00; "
+                     "within 0.5 points of the original"]
