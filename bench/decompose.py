@@ -9,6 +9,8 @@
    median of repeats after warm-up).
 
 Run: python -m bench.decompose [--quick]. Writes bench/results/decompose.{json,md}.
+(``--model small`` and ``--shapes`` shrink the run for the test suite; the defaults are
+the published configuration.)
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -25,10 +29,16 @@ from pathlib import Path
 import torch
 
 from bench._layer_timing import time_layer_decompositions
-from bench.models import resnet18
+from bench.models import SmallConvNet, resnet18
 from compression.pipeline import compress
 
 RESULTS = Path(__file__).parent / "results"
+# name -> (builder, input spec, description); "resnet18" is the published configuration.
+MODELS = {
+    "resnet18": (resnet18, "3,224,224", "ResNet-18-sized, 224x224, random weights"),
+    "small": (SmallConvNet, "3,32,32", "Small conv net (bench.models.SmallConvNet), 32x32, random weights"),
+}
+SHAPES = "64x64x3x3,128x128x3x3"
 
 
 def latency_ms(model: torch.nn.Module, x: torch.Tensor, repeats: int, warmup: int = 2) -> float:
@@ -43,18 +53,21 @@ def latency_ms(model: torch.nn.Module, x: torch.Tensor, repeats: int, warmup: in
     return statistics.median(times)
 
 
-def model_rows(ratio: float, batches: tuple[int, ...], repeats: int) -> dict:
+def model_rows(ratio: float, batches: tuple[int, ...], repeats: int, name: str = "resnet18") -> dict:
+    build, spec, description = MODELS[name]
+    shape = tuple(int(d) for d in spec.split(","))
     with tempfile.TemporaryDirectory() as tmp:
-        src = Path(tmp) / "resnet18.pt"
-        torch.jit.save(torch.jit.script(resnet18()), str(src))
+        src = Path(tmp) / f"{name}.pt"
+        torch.manual_seed(0)
+        torch.jit.save(torch.jit.script(build().eval()), str(src))
         t = time.perf_counter()
-        result = compress(src, "3,224,224", out_dir=Path(tmp) / "out", form="tucker2", ranks=ratio)
+        result = compress(src, spec, out_dir=Path(tmp) / "out", form="tucker2", ranks=ratio)
         total = time.perf_counter() - t
         original = torch.jit.load(str(src)).eval()
         compressed = torch.jit.load(str(Path(tmp) / "out" / "model.pt")).eval()
         lat = {}
         for b in batches:
-            x = torch.randn(b, 3, 224, 224)
+            x = torch.randn(b, *shape)
             # Interleave the two models so machine-load drift hits both alike.
             before, after = [], []
             for _ in range(3):
@@ -63,7 +76,7 @@ def model_rows(ratio: float, batches: tuple[int, ...], repeats: int) -> dict:
             lat[b] = {"original_ms": min(before), "compressed_ms": min(after),
                       "speedup": min(before) / min(after)}
     return {
-        "model": "ResNet-18-sized, 224x224, random weights",
+        "model": description,
         "form": "tucker2",
         "rank_ratio": ratio,
         "convert_s": result.seconds["convert"],
@@ -97,18 +110,31 @@ def write(layer_rows: list[dict], model: dict, args: argparse.Namespace) -> str:
         lines.append(f"| {b} | {v['original_ms']:.1f} | {v['compressed_ms']:.1f} | {v['speedup']:.2f}x |")
     lines += ["", f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
               f"torch {torch.__version__}, {torch.get_num_threads()} threads; load average at end "
-              f"{os.getloadavg()[0]:.1f}. Command: `python -m bench.decompose{' --quick' if args.quick else ''}`."]
+              f"{os.getloadavg()[0]:.1f}. Command: `{shlex.join(['python', '-m', 'bench.decompose', *args.argv])}`."]
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
+def parse_shapes(text: str) -> list[tuple[int, int, int, int]]:
+    shapes = [tuple(int(d) for d in s.split("x")) for s in text.split(",")]
+    if not shapes or any(len(s) != 4 or min(s) < 1 for s in shapes):
+        raise argparse.ArgumentTypeError(f"expected C_outxC_inxKhxKw[,...], got {text!r}")
+    return shapes  # type: ignore[return-value]
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats, batch 1 and 8 only")
     parser.add_argument("--ratio", type=float, default=0.5)
-    args = parser.parse_args()
+    parser.add_argument("--model", choices=sorted(MODELS), default="resnet18",
+                        help="network for part 2: resnet18 (default, 3x224x224, the published numbers) or small "
+                             "(bench.models.SmallConvNet, 3x32x32, for quick runs and tests)")
+    # 256x256x3x3 is left out of the default: tensorly's 4-way parafac did not finish one run in 150 s there.
+    parser.add_argument("--shapes", type=parse_shapes, default=SHAPES,
+                        help=f"conv weight shapes timed in part 1, comma-separated (default {SHAPES})")
+    args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     repeats = 2 if args.quick else 3
-    # 256x256x3x3 is left out: tensorly's 4-way parafac did not finish one run in 150 s there.
-    shapes = [(64, 64, 3, 3), (128, 128, 3, 3)]
+    shapes = args.shapes
     # Both libraries on one thread: with two, LAPACK spin-waits on a busy 2-core box
     # and the comparison would measure contention, not the algorithms.
     threads = torch.get_num_threads()
@@ -117,7 +143,7 @@ def main() -> None:
         layer_rows = time_layer_decompositions(shapes, repeats=repeats)
     finally:
         torch.set_num_threads(threads)
-    model = model_rows(args.ratio, (1, 8) if args.quick else (1, 32), 3 if args.quick else 5)
+    model = model_rows(args.ratio, (1, 8) if args.quick else (1, 32), 3 if args.quick else 5, args.model)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "decompose.json").write_text(json.dumps({"layers": layer_rows, "model": model}, indent=2))
     text = write(layer_rows, model, args)

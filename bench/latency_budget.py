@@ -88,11 +88,11 @@ def write(rows: list[dict]) -> None:
     (RESULTS / "latency_budget.md").write_text("\n".join(lines) + "\n")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--targets", default="0.7,0.5")
     ap.add_argument("--models", default="small,resnet18")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     torch.set_num_threads(1)
     rows = run(args.models.split(","), [float(t) for t in args.targets.split(",")])
     write(rows)

@@ -17,8 +17,10 @@ network's own predictions. Caveat: with random weights the spectra are nearly
 flat, so this measures the machinery (time, budget hit, error at equal MACs),
 not which method finds the better ranks in a trained network.
 
-Run: python -m bench.ranks [budget] [--methods a,b]
-Writes bench/results/ranks.json and bench/results/ranks.md.
+Run: python -m bench.ranks [budget] [--methods a,b] [--model resnet18|small]
+Writes bench/results/ranks.json and bench/results/ranks.md. (``--model small``,
+bench.models.SmallConvNet at 3x32x32, is for quick runs and the test suite; the
+default is the published configuration.)
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from bench.models import resnet18
+from bench.models import SmallConvNet, resnet18
 from compression.budget import Budget
 from compression.input_spec import InputSpec
 from compression.inventory import build_inventory, count_macs
@@ -43,16 +45,19 @@ from compression.rewrite import apply_plan, submodule_name
 
 RESULTS = Path(__file__).parent / "results"
 SPEC = "3,224,224"
+# name -> (builder, input spec, label); "resnet18" is the published configuration.
+MODELS = {"resnet18": (resnet18, SPEC, "ResNet-18 layout"), "small": (SmallConvNet, "3,32,32", "small conv net")}
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
 
 
-def run(budget_text: str, methods: list[str], on_row=None) -> list[dict]:
+def run(budget_text: str, methods: list[str], on_row=None, model_name: str = "resnet18") -> list[dict]:
+    build, spec_text, _ = MODELS[model_name]
     torch.manual_seed(0)
-    model = resnet18()
-    spec = InputSpec.parse(SPEC)
+    model = build().eval()
+    spec = InputSpec.parse(spec_text)
     t = time.perf_counter()
     gm = to_editable(torch.jit.script(model), spec).gm
     inv = build_inventory(gm, spec)
@@ -124,12 +129,14 @@ def run(budget_text: str, methods: list[str], on_row=None) -> list[dict]:
     return rows
 
 
-def write(rows: list[dict], budget_text: str) -> None:
+def write(rows: list[dict], budget_text: str, model_name: str = "resnet18") -> None:
+    _, spec_text, label = MODELS[model_name]
     RESULTS.mkdir(parents=True, exist_ok=True)
-    meta = {"budget": budget_text, "model": "ResNet-18 layout, random weights, 3x224x224",
+    meta = {"budget": budget_text, "model": f"{label}, random weights, {spec_text.replace(',', 'x')}",
             "torch": torch.__version__, "machine": platform.machine(), "threads": torch.get_num_threads()}
     (RESULTS / "ranks.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    lines = [f"# Rank selection at {budget_text} (ResNet-18 layout, random weights, 224x224)", "",
+    side = "x".join(spec_text.split(",")[1:])
+    lines = [f"# Rank selection at {budget_text} ({label}, random weights, {side})", "",
              f"torch {meta['torch']}, {meta['threads']} threads. Errors at equal MACs; weight error is the "
              "mean over decomposable layers (dense = 0). 'select s' excludes the shared spectra "
              f"({rows[0].get('spectra_s', 0) if rows else 0:.2f} s, computed once for all methods). Wall "
@@ -145,14 +152,17 @@ def write(rows: list[dict], budget_text: str) -> None:
     (RESULTS / "ranks.md").write_text("\n".join(lines) + "\n")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("budget", nargs="?", default="flops:3x")
     ap.add_argument("--methods", default=None, help="comma-separated (default: all registered except manual)")
-    args = ap.parse_args()
+    ap.add_argument("--model", choices=sorted(MODELS), default="resnet18",
+                    help="resnet18 (default: the ResNet-18 layout at 3x224x224, the published numbers) or small "
+                         "(bench.models.SmallConvNet at 3x32x32, for quick runs and tests)")
+    args = ap.parse_args(argv)
     methods = args.methods.split(",") if args.methods else [m for m in METHODS if m != "manual"]
-    rows = run(args.budget, methods, on_row=lambda r: write(r, args.budget))
-    write(rows, args.budget)
+    rows = run(args.budget, methods, on_row=lambda r: write(r, args.budget, args.model), model_name=args.model)
+    write(rows, args.budget, args.model)
     print((RESULTS / "ranks.md").read_text())
 
 
