@@ -163,3 +163,25 @@ def test_batch_is_halved_on_out_of_memory():
     with pytest.raises(TensorTrimError, match="batch size 64") as err:
         with_batch_halving(fn, 64, retry=False)
     assert err.value.code == "out_of_memory"
+
+
+def test_the_start_is_kept_only_when_it_validates_clearly_better(setup):
+    """Epoch 0 (the weights before fine-tuning) inherits the original's fit to the validation
+    samples; it must not win on validation noise, only when fine-tuning clearly hurt."""
+    start = {k: v.clone() for k, v in setup.teacher.state_dict().items()}
+
+    def tune(lr: float) -> tuple[nn.Module, object]:
+        student = copy.deepcopy(setup.teacher)  # an exact copy: nothing to recover, only noise to add
+        return student, finetune(student, setup.teacher, setup.train, spec=setup.spec, layers={},
+                                 feature_weight=0.0, epochs=2, lr=lr, seed=0)
+
+    # A gentle run: validation accuracy ties the start's (a plain comparison would keep the start on
+    # its lower, teacher-identical loss); the fine-tuned epoch is kept.
+    _, gentle = tune(1e-3)
+    h = gentle.history
+    assert h[0].val_accuracy == max(r.val_accuracy for r in h) and h[0].val_loss < min(r.val_loss for r in h[1:])
+    assert gentle.best_epoch >= 1
+    # A learning rate that wrecks the network: the start is restored, weights and all.
+    student, wrecked = tune(3.0)
+    assert max(r.val_accuracy for r in wrecked.history[1:]) < 0.5 and wrecked.best_epoch == 0
+    assert all(torch.equal(v, start[k]) for k, v in student.state_dict().items())
