@@ -537,7 +537,8 @@ def verdict(rows: list[dict], originals: dict[str, float]) -> list[str]:
                 lost = [f"{m} {100 * a:.2f}" for m, a in peers.items() if acc <= a]
                 gap = 100 * (acc - originals[net])
                 out.append(f"{ours} on {net} at {budget:g}x: {100 * acc:.2f} % ({gap:+.2f} vs original); "
-                           + ("beats " + ", ".join(beaten) if beaten else "beats no baseline")
+                           + ("beats " + ", ".join(beaten) if beaten
+                              else "beats no baseline" if peers else "no baseline in this run")
                            + (f"; does NOT beat {', '.join(lost)}" if lost else "")
                            + ("" if budget != 3 else ("; within 0.5 points of the original" if gap >= -0.5
                                                       else "; NOT within 0.5 points of the original")))

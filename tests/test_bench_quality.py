@@ -100,3 +100,5 @@ def test_the_verdict_counts_a_tie_with_a_baseline_as_not_beating_it() -> None:
     lines = q.verdict([row("rene", 0.90), row("tltorch", 0.90), row("prune", 0.89)], {"n": 0.904})
     assert lines == ["rene on n at 3x: 90.00 % (-0.40 vs original); beats prune; does NOT beat tltorch 90.00; "
                      "within 0.5 points of the original"]
+    assert q.verdict([row("rene", 0.90)], {"n": 0.90})[0].startswith("rene on n at 3x: 90.00 % (+0.00 vs original); "
+                                                                     "no baseline in this run")
