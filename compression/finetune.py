@@ -446,11 +446,10 @@ class _Run:
         of Fashion-MNIST) a plain comparison kept the start in 10 of 126 runs; with this rule those
         runs keep their fine-tuned epoch and score 0.9-1.7 points higher on the held-out test
         images (bench/quality.py; the other 116 runs are unchanged)."""
-        head_start = start.val_accuracy if start.val_accuracy is not None else start.val_agreement
-        head_trained = trained.val_accuracy if trained.val_accuracy is not None else trained.val_agreement
-        if head_start is None or head_trained is None:
+        head_start, head_trained = _head(start), _head(trained)
+        if head_start is None or head_trained is None or self.val_data is None:
             return self._score(start) > self._score(trained)
-        n = len(self.val_data) if self.val_data is not None else 1
+        n = len(self.val_data)
         margin = START_MARGIN_SE * math.sqrt(max(head_start * (1 - head_start), 1 / n) / n)
         return head_start - head_trained > margin
 
@@ -458,8 +457,13 @@ class _Run:
         """Higher is better: accuracy, else agreement, then lower validation loss."""
         if rec.val_loss is None:
             return (float(rec.epoch),)
-        head = rec.val_accuracy if rec.val_accuracy is not None else rec.val_agreement
+        head = _head(rec)
         return (head if head is not None else 0.0, -rec.val_loss)
+
+
+def _head(rec: EpochRecord) -> float | None:
+    """The validation figure epochs are compared on: accuracy where labels exist, else agreement."""
+    return rec.val_accuracy if rec.val_accuracy is not None else rec.val_agreement
 
 
 def _logits(leaves: list[torch.Tensor]) -> torch.Tensor | None:
