@@ -46,11 +46,16 @@ def test_pipeline_data_puts_the_test_split_exactly_where_compress_holds_out() ->
 def test_networks_train_on_a_superset_of_the_fine_tuning_split_by_default() -> None:
     _, cfg = q.parse_args([])
     assert (cfg.n_net_train, cfg.n_train, cfg.n_test, cfg.train_epochs) == (60000, 6000, 1500, 8)
-    assert "_net60000_" in cfg.key()
+    assert (cfg.n_score, cfg.ft_epochs) == (10000, 5)  # all test images; the pipeline's fine-tuning default
+    assert "_net60000_s10000_ft5_" in cfg.key()
     _, quick = q.parse_args(["--quick"])
-    assert quick.n_net_train is None and "_net" not in quick.key()  # older cache keys keep their meaning
+    assert quick.n_net_train is None and quick.n_score is None
+    assert "_net" not in quick.key() and "_s" not in quick.key().split("_ft")[0]  # older cache keys keep their meaning
+    assert q.parse_args(["--score", "0"])[1].n_score is None
     with pytest.raises(SystemExit):
         q.parse_args(["--train", "2000", "--net-train", "1000"])
+    with pytest.raises(SystemExit):
+        q.parse_args(["--score", "1000"])  # below the 1,500-image test split it must contain
     x, y = _synthetic_fashion("train")
     small, large = q.fashion.balanced_subset(x, y, 100), q.fashion.balanced_subset(x, y, 300)
     rows = {tuple(r) for r in large[0].flatten(1).tolist()}
@@ -67,7 +72,7 @@ def test_a_tiny_benchmark_runs_every_kind_of_method_resumes_from_its_cache_and_r
     out = tmp_path / "quality"
     argv = ["--nets", "resnet", "--budgets", "3", "--methods", "uniform,tltorch,prune", "--seeds", "1",
             "--train", "200", "--net-train", "400", "--train-epochs", "1", "--ft-epochs", "1", "--repeats", "2",
-            "--no-pretrained", "--out", str(out)]
+            "--score", "200", "--no-pretrained", "--out", str(out)]
     assert q.main(argv) == 0
     report = json.loads(out.with_suffix(".json").read_text())
     meta = report["meta"]
@@ -78,12 +83,19 @@ def test_a_tiny_benchmark_runs_every_kind_of_method_resumes_from_its_cache_and_r
     for method, row in rows.items():
         achieved, _ = row["macs_vs_target"]
         assert 0.9 < achieved <= 1.0 + 0.011, (method, achieved)  # matched MACs: the comparison's premise
-        for key in ("top1_after_compression", "top1_finetuned"):
+        for key in ("top1_after_compression", "top1_finetuned", "top1_finetuned_test_split"):
             assert 0.0 <= row[key][0] <= 1.0
+        assert row["scored_on"] == 200  # the headline figure is on the score set, not the 50-image test split
+        run = next(r for r in report["runs"] if r["method"] == method)
+        assert row["top1_finetuned"][0] == run["top1_finetuned_score"]
+        assert row["top1_finetuned_test_split"][0] == run["top1_finetuned"]
     run = next(r for r in report["runs"] if r["method"] == "uniform")
     assert run["ranks"] and run["latency_b1"]["compressed_ms"] > 0
     md = out.with_suffix(".md").read_text()
     assert "| resnet | 3x | tltorch | 1 |" in md and "on 400 training images" in md
+    assert "top-1 after fine-tuning (200 images)" in md
+    net = report["nets"]["resnet"]
+    assert net["original_scored_on"] == 200 and 0.0 <= net["original_top1"] <= 1.0
     assert (tmp_path / "cache" / "runs" / meta["config_key"] / "resnet_3x_prune_s0.json").is_file()
 
     # A second invocation finds every run in the cache and reports the same numbers.
