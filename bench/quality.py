@@ -561,19 +561,32 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+LEARNED = ("rene", "batude")  # the methods the target is about; every other method is a baseline for them
+
+
+def _se_of_gap(a: dict, b: dict) -> float:
+    """Standard error of the difference of two rows' mean top-1, from the seeds' spread."""
+    return math.sqrt(a["top1_finetuned"][1] ** 2 / len(a["seeds"]) + b["top1_finetuned"][1] ** 2 / len(b["seeds"]))
+
+
 def verdict(rows: list[dict], originals: dict[str, float]) -> list[str]:
+    """Per learned method, network and budget: which baselines (every method not
+    in LEARNED: the rank heuristics, tensorly-torch, channel pruning) it beats on
+    the headline top-1, the gap to each it does not beat with the gap's standard
+    error, and at 3x whether it is within 0.5 points of the original."""
     out = []
     by = {(r["net"], r["budget"], r["method"]): r for r in rows}
-    for ours in ("rene", "batude"):
+    for ours in LEARNED:
         for net in sorted({r["net"] for r in rows}):
             for budget in sorted({r["budget"] for r in rows if r["net"] == net}):
                 r = by.get((net, budget, ours))
                 if r is None:
                     continue
                 acc = r["top1_finetuned"][0]
-                peers = {m: by[(net, budget, m)]["top1_finetuned"][0] for m in BASELINES if (net, budget, m) in by}
-                beaten = [m for m, a in peers.items() if acc > a]
-                lost = [f"{m} {100 * a:.2f}" for m, a in peers.items() if acc <= a]
+                peers = {m: by[(net, budget, m)] for m in METHODS if m not in LEARNED and (net, budget, m) in by}
+                beaten = [m for m, p in peers.items() if acc > p["top1_finetuned"][0]]
+                lost = [f"{m} {100 * p['top1_finetuned'][0]:.2f} (gap {100 * (acc - p['top1_finetuned'][0]):+.2f} "
+                        f"± {100 * _se_of_gap(r, p):.2f})" for m, p in peers.items() if acc <= p["top1_finetuned"][0]]
                 gap = 100 * (acc - originals[net])
                 out.append(f"{ours} on {net} at {budget:g}x: {100 * acc:.2f} % ({gap:+.2f} vs original); "
                            + ("beats " + ", ".join(beaten) if beaten

@@ -106,11 +106,22 @@ def test_a_tiny_benchmark_runs_every_kind_of_method_resumes_from_its_cache_and_r
 
 
 def test_the_verdict_counts_a_tie_with_a_baseline_as_not_beating_it() -> None:
-    def row(method: str, acc: float) -> dict:
-        return {"net": "n", "budget": 3.0, "method": method, "top1_finetuned": (acc, 0.0)}
+    def row(method: str, acc: float, std: float = 0.0) -> dict:
+        return {"net": "n", "budget": 3.0, "method": method, "top1_finetuned": (acc, std), "seeds": [0, 1, 2]}
 
     lines = q.verdict([row("rene", 0.90), row("tltorch", 0.90), row("prune", 0.89)], {"n": 0.904})
-    assert lines == ["rene on n at 3x: 90.00 % (-0.40 vs original); beats prune; does NOT beat tltorch 90.00; "
-                     "within 0.5 points of the original"]
+    assert lines == ["rene on n at 3x: 90.00 % (-0.40 vs original); beats prune; does NOT beat tltorch 90.00 "
+                     "(gap +0.00 ± 0.00); within 0.5 points of the original"]
     assert q.verdict([row("rene", 0.90)], {"n": 0.90})[0].startswith("rene on n at 3x: 90.00 % (+0.00 vs original); "
                                                                      "no baseline in this run")
+
+
+def test_the_verdict_holds_the_learned_methods_to_our_rank_heuristics_too_and_gives_the_gap_noise() -> None:
+    def row(method: str, acc: float, std: float) -> dict:
+        return {"net": "n", "budget": 2.0, "method": method, "top1_finetuned": (acc, std), "seeds": [0, 1, 2]}
+
+    rows = [row("batude", 0.90, 0.003), row("energy", 0.902, 0.004), row("uniform", 0.899, 0.0), row("prune", 0.8, 0)]
+    [line] = q.verdict(rows, {"n": 0.91})
+    # se = sqrt(0.3^2 / 3 + 0.4^2 / 3) = 0.29 points
+    assert line == ("batude on n at 2x: 90.00 % (-1.00 vs original); beats uniform, prune; does NOT beat energy "
+                    "90.20 (gap -0.20 ± 0.29)")
