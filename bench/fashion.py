@@ -13,6 +13,7 @@ deterministic, class-balanced subset).
 
 from __future__ import annotations
 
+import functools
 import gzip
 from pathlib import Path
 
@@ -39,8 +40,11 @@ def _read(path: Path, header: int) -> np.ndarray:
     return np.frombuffer(raw, dtype=np.uint8, offset=header)
 
 
+@functools.cache
 def load(split: str = "train", root: Path = ROOT) -> tuple[torch.Tensor, torch.Tensor]:
-    """All images and labels of ``split`` ('train' or 'test')."""
+    """All images and labels of ``split`` ('train' or 'test'). Cached: a benchmark takes
+    several subsets of one split, and decompressing it is the slow part. The tensors are
+    shared between callers: index them, do not modify them in place."""
     if split not in FILES:
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     if not available(root):

