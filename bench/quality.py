@@ -63,7 +63,10 @@ Run ``python -m bench.quality --quick`` (1 seed, resnet, 2 budgets, 1200/300
 images, batude 1 epoch, under 10 minutes on 2 cores) or ``python -m bench.quality``
 (both networks trained on 60,000 images, 2x/3x/5x, 3 seeds, 6,000 / 1,500
 images, 5 fine-tuning epochs, scored on 10,000; about 75 minutes on 2 cores). Per-run results are cached in
-``bench/cache/quality/runs/<config>/`` so an interrupted run resumes;
+``bench/cache/quality/runs/<config>/`` so an interrupted run resumes; a cached
+run is reused only for the very network it compressed (``net_fingerprint``, a
+hash of the weights: the same recipe trains another network on another CPU,
+whose kernels round differently, so tables from two machines never mix);
 ``--max-minutes`` stops starting new runs after that long. Writes
 ``bench/results/quality.{json,md,png}`` (``bench/cache/quality/quality_quick.*`` with
 ``--quick``).
@@ -251,6 +254,16 @@ def mnist5k() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 # ----------------------------------------------------------------------------- training the networks
+
+
+def fingerprint(model: nn.Module) -> str:
+    """A short hash of the weights: a network retrained on another CPU differs (its kernels round
+    differently), and a cached run is only comparable with the network it compressed."""
+    h = hashlib.sha1()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:12]
 
 
 def train_net(name: str, train: Data, test: Data, epochs: int, log) -> tuple[nn.Module, dict]:
@@ -756,6 +769,9 @@ def main(argv: list[str] | None = None) -> int:
     for net in cfg.nets:
         log(f"network {net}")
         models[net], nets[net] = train_net(net, net_train, test, cfg.train_epochs, log)
+        # A cached network's figure is on the split it was trained beside; every run checks against this split.
+        nets[net]["test_top1"] = _top1(evaluate(models[net], test))
+        nets[net]["fingerprint"] = fingerprint(models[net])
         log(f"  {net}: {nets[net]['params']} params, {nets[net]['macs'] / 1e6:.2f} M MACs, "
             f"test top-1 {100 * nets[net]['test_top1']:.2f} %")
     score = None if cfg.n_score is None else fashion_split("test", cfg.n_score)
@@ -772,9 +788,12 @@ def main(argv: list[str] | None = None) -> int:
     runs, missing = [], []
     for seed, net, budget, method in planned:
         path = run_dir / f"{net}_{budget:g}x_{method}_s{seed}.json"
-        if path.is_file():
-            runs.append(json.loads(path.read_text()))
+        cached = json.loads(path.read_text()) if path.is_file() else None
+        if cached is not None and cached.get("net_fingerprint") == nets[net]["fingerprint"]:
+            runs.append(cached)
             continue
+        if cached is not None:
+            log(f"cached {path.name} compressed another {net} (trained elsewhere: CPUs' kernels differ): run again")
         if args.max_minutes is not None and time.perf_counter() - t_start > 60 * args.max_minutes:
             missing.append(f"{net}/{budget:g}x/{method}/s{seed}")
             continue
@@ -791,6 +810,7 @@ def main(argv: list[str] | None = None) -> int:
             missing.append(f"{net}/{budget:g}x/{method}/s{seed} (failed: {type(exc).__name__}: {exc})")
             continue
         r.update({"net": net, "budget": budget, "method": method, "seed": seed, "sources": SOURCES,
+                  "net_fingerprint": nets[net]["fingerprint"],
                   "wall_seconds": time.perf_counter() - t, "loadavg": os.getloadavg()})
         path.write_text(json.dumps(r, indent=2))
         runs.append(r)

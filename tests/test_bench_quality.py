@@ -104,6 +104,14 @@ def test_a_tiny_benchmark_runs_every_kind_of_method_resumes_from_its_cache_and_r
     assert again["meta"]["invocations"][-1]["runs_done"] == 0
     assert [r["top1_finetuned"] for r in again["rows"]] == [r["top1_finetuned"] for r in report["rows"]]
 
+    # A run that compressed another network (one retrained on another CPU rounds differently) is run again.
+    stale = tmp_path / "cache" / "runs" / meta["config_key"] / "resnet_3x_uniform_s0.json"
+    stale.write_text(json.dumps({**json.loads(stale.read_text()), "net_fingerprint": "elsewhere"}))
+    assert q.main(argv) == 0
+    third = json.loads(out.with_suffix(".json").read_text())
+    assert third["meta"]["invocations"][-1]["runs_done"] == 1
+    assert json.loads(stale.read_text())["net_fingerprint"] == third["nets"]["resnet"]["fingerprint"]
+
 
 def test_the_verdict_counts_a_tie_with_a_baseline_as_not_beating_it() -> None:
     def row(method: str, acc: float, std: float = 0.0) -> dict:
