@@ -62,7 +62,9 @@ holds out 20 % of that half for its own report) and scored on the other half.
 Run ``python -m bench.quality --quick`` (1 seed, resnet, 2 budgets, 1200/300
 images, batude 1 epoch, under 10 minutes on 2 cores) or ``python -m bench.quality``
 (both networks trained on 60,000 images, 2x/3x/5x, 3 seeds, 6,000 / 1,500
-images, 5 fine-tuning epochs, scored on 10,000; about 75 minutes on 2 cores). Per-run results are cached in
+images, 5 fine-tuning epochs, scored on 10,000; about 75 minutes on 2 cores).
+``--full --ft-epochs 1 --budgets 3`` is the larger-data setting (40,000 / 10,000
+images, one pass; about 55 minutes). Per-run results are cached in
 ``bench/cache/quality/runs/<config>/`` so an interrupted run resumes; a cached
 run is reused only for the very network it compressed (``net_fingerprint``, a
 hash of the weights: the same recipe trains another network on another CPU,
@@ -554,8 +556,8 @@ def markdown(report: dict) -> str:
               "are not significant.",
               f"- Scoring: the pipeline holds out the {n_test}-image test split (its own report and the "
               f"after-compression column); the after-fine-tuning column is the exported model on "
-              f"{n_final} test images (a superset; none of them chooses anything: early stopping uses 10 % of "
-              "the training split).",
+              f"{n_final} test images ({'the same images' if n_final == n_test else 'a superset'}; none of them "
+              "chooses anything: early stopping uses 10 % of the training split).",
               "- Fine-tuning: `feature_weight=0` for every method so the recipe is literally identical (the "
               "pipeline's default for ours adds a per-layer feature loss, 0.5, which a pruned network cannot "
               "use).",
