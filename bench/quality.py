@@ -269,14 +269,16 @@ def fingerprint(model: nn.Module) -> str:
 
 
 def train_net(name: str, train: Data, test: Data, epochs: int, log) -> tuple[nn.Module, dict]:
-    """The trained network ``name`` (cached by name, training size and epochs)."""
+    """The trained network ``name`` (cached by name, training size and epochs) and its info; ``test_top1``
+    is on ``test`` (a cached network is evaluated again: it may have been trained beside another split)."""
     path = CACHE / "nets" / f"{name}_n{len(train)}_e{epochs}.pt"
     torch.manual_seed(0)
     model = NETS[name]()
     if path.is_file():
         blob = torch.load(path, weights_only=True)
         model.load_state_dict(blob["state"])
-        return model.eval(), blob["info"]
+        model.eval()
+        return model, {**blob["info"], "test_top1": evaluate(model, test)["top1"]}
     t0 = time.perf_counter()
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
     steps = epochs * math.ceil(len(train) / 128)
@@ -771,8 +773,6 @@ def main(argv: list[str] | None = None) -> int:
     for net in cfg.nets:
         log(f"network {net}")
         models[net], nets[net] = train_net(net, net_train, test, cfg.train_epochs, log)
-        # A cached network's figure is on the split it was trained beside; every run checks against this split.
-        nets[net]["test_top1"] = _top1(evaluate(models[net], test))
         nets[net]["fingerprint"] = fingerprint(models[net])
         log(f"  {net}: {nets[net]['params']} params, {nets[net]['macs'] / 1e6:.2f} M MACs, "
             f"test top-1 {100 * nets[net]['test_top1']:.2f} %")
@@ -795,7 +795,7 @@ def main(argv: list[str] | None = None) -> int:
             runs.append(cached)
             continue
         if cached is not None:
-            log(f"cached {path.name} compressed another {net} (trained elsewhere: CPUs' kernels differ): run again")
+            log(f"cached {path.name} compressed another {net} (other weights: another CPU or recipe): run again")
         if args.max_minutes is not None and time.perf_counter() - t_start > 60 * args.max_minutes:
             missing.append(f"{net}/{budget:g}x/{method}/s{seed}")
             continue
