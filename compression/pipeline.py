@@ -147,7 +147,7 @@ def compress(
         if budget is not None or method == "manual":
             # manual ranks need no budget; one of "keep everything" only prices the plan
             selector, plan = _select(gm, inventory, spec, budget or Budget("flops", keep=1.0), form, method, fit,
-                                     method_options, device, seed, progress)
+                                     method_options, device, seed, progress, finetune_follows=bool(finetune))
             # Methods that train the network (BATUDE) hand back trained weights:
             # the factors come from those, not from the original.
             if hasattr(selector, "load_trained"):
@@ -296,7 +296,7 @@ def _eval_data(test: Data | None, spec: InputSpec, check: tuple[torch.Tensor, ..
 
 def _select(gm: torch.fx.GraphModule, inventory: Inventory, spec: InputSpec, budget: Budget, form: str,
             method: str | None, data: Data | None, options: dict | None, device: str, seed: int,
-            progress: Progress) -> tuple[object, RankPlan]:
+            progress: Progress, *, finetune_follows: bool = False) -> tuple[object, RankPlan]:
     """Choose ranks under ``budget`` (measuring a latency table first if needed)."""
     latency = None
     if budget.metric == "latency":
@@ -306,7 +306,7 @@ def _select(gm: torch.fx.GraphModule, inventory: Inventory, spec: InputSpec, bud
         latency = build_latency_table(gm, inventory, spec, batch=budget.batch, device=device, progress=progress,
                                       forms=forms)
     ctx = SelectionContext(gm, inventory, spec, budget, form=form, data=data, progress=progress, device=device,
-                           seed=seed, options=dict(options or {}), latency=latency)
+                           seed=seed, options=dict(options or {}), latency=latency, finetune_follows=finetune_follows)
     selector = get_method(method or default_method(data is not None))
     return selector, selector.select(ctx)
 

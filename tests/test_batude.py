@@ -29,7 +29,7 @@ except ImportError:  # tests/ is not a package: pytest puts it on sys.path
     import zoo  # type: ignore[no-redef]
     from planted import planted_model  # type: ignore[no-redef]
 
-FAST = {"epochs": 2, "batch_size": 32}
+FAST = {"epochs": 2, "batch_size": 32, "min_steps": 0}  # bookkeeping tests: no extra epochs for the pull
 
 
 def _editable(build):
@@ -121,6 +121,46 @@ def test_batude_trains_the_weights_and_returns_them(resnet):
     other = copy.deepcopy(gm)
     method.load_trained(other)
     assert torch.equal(get_tensor(other, layer.weight), trained)
+
+
+def _truncation_error(w: torch.Tensor, ranks: tuple[int, ...], form: str) -> float:
+    """Energy share the plan's ranks drop, summed over the weight's unfoldings."""
+    dims = (1, 0) if form == "tucker2" else (0,)
+    total = 0.0
+    for r, d in zip(ranks, dims):
+        s2 = torch.linalg.svdvals(unfold(w.double(), d)) ** 2
+        total += float(s2[r:].sum() / s2.sum())
+    return total
+
+
+def test_batude_admm_pull_makes_the_trained_weights_low_rank(resnet):
+    """The paper's claim, on the weights: trained under the pull, each weight sits
+    near its own truncation at the chosen ranks; without the pull (rho 0) it does not."""
+    gm, spec, inv = resnet
+    trained, plans = {}, {}
+    for rho in (0.0, 1.0):
+        opts = {"epochs": 4, "batch_size": 8, "lr": 1e-2, "rho": rho, "z_every": 2, "fill": False, "min_steps": 0}
+        ctx = SelectionContext(gm, inv, spec, Budget.parse("flops:3x"), data=_labelled(gm, spec), options=opts)
+        method = Batude()
+        plans[rho] = method.select(ctx)
+        trained[rho] = method.trained_weights
+    assert plans[1.0].layers
+    for lp in plans[1.0].layers:  # both trained networks measured at the same (pulled run's) ranks
+        weight = inv.by_name(lp.name).weight
+        pulled, free = (_truncation_error(trained[rho][weight], lp.ranks, lp.form) for rho in (1.0, 0.0))
+        assert pulled < 0.6 * free, (lp.name, pulled, free)
+
+
+def test_batude_pulls_weakly_when_finetuning_follows_and_adds_epochs_for_small_data(resnet):
+    gm, spec, inv = resnet
+    data = _labelled(gm, spec)  # 64 samples: 2 mini-batches of 32 an epoch
+    for follows, rho, epochs in ((True, 1e-3, 2), (False, 1.0, 5)):
+        ctx = SelectionContext(gm, inv, spec, Budget.parse("flops:2x"), data=data, finetune_follows=follows,
+                               options={"epochs": 2, "min_steps": None if follows else 10})
+        method = Batude()
+        plan = method.select(ctx)
+        assert [h["rho"] for h in method.history] == [rho] * epochs
+        assert f"{epochs} epochs of ADMM training (rho {rho:g})" in plan.note
 
 
 def test_batude_without_data_distils_on_random_inputs_and_says_so(resnet):

@@ -44,6 +44,22 @@ def test_3x_fewer_macs_with_finetuning_stays_within_2_points(model_file, tmp_pat
     assert result.evaluation["compressed"]["top1"] >= result.evaluation["original"]["top1"] - 0.02
 
 
+def test_without_finetuning_the_default_method_keeps_the_accuracy_uniform_ranks_lose(model_file, tmp_path):
+    """No fine-tuning: the default with data (BATUDE) trains the weights towards their
+    low-rank truncation, so decomposing them loses little; uniform ranks of the
+    original weights lose a third of the digits."""
+    learned = compress(model_file, SPEC, "flops:3x", data=_all_data(), out_dir=tmp_path / "learned", latency=False)
+    uniform = compress(model_file, SPEC, "flops:3x", method="uniform", out_dir=tmp_path / "uniform", latency=False)
+    _, test = digits()
+    files = (model_file, tmp_path / "learned" / "model.pt", tmp_path / "uniform" / "model.pt")
+    original, ours, theirs = (accuracy(torch.jit.load(str(p)), test) for p in files)
+    print(f"original {original:.4f}  batude {ours:.4f}  uniform {theirs:.4f}  ({learned.plan.note})")
+    assert learned.plan.method == "batude" and learned.finetune is None
+    assert min(learned.macs_ratio, uniform.macs_ratio) >= 3 * (1 - 1e-9)
+    assert ours >= original - 0.03
+    assert ours >= theirs + 0.2
+
+
 def test_data_free_finetuning_improves_agreement_over_none(model_file, tmp_path):
     plain = compress(model_file, SPEC, "flops:3x", method="energy", out_dir=tmp_path / "plain", latency=False)
     tuned = compress(model_file, SPEC, "flops:3x", method="energy", out_dir=tmp_path / "tuned", latency=False,

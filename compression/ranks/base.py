@@ -76,6 +76,7 @@ class SelectionContext:
     seed: int = 0
     options: dict = field(default_factory=dict)  # method-specific knobs (and ``all_layers``, see candidates)
     latency: object | None = None  # compression.latency.LatencyTable for latency budgets
+    finetune_follows: bool = False  # the caller fine-tunes the factorised network (methods may tune for that)
     _candidates: tuple[list[LayerInfo], dict[str, str]] | None = field(default=None, init=False, repr=False)
 
     def candidates(self) -> list[LayerInfo]:
