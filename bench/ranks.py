@@ -80,7 +80,9 @@ def run(budget_text: str, methods: list[str], on_row=None, model_name: str = "re
             xs = spec.example(32, seed=3)
             with torch.no_grad():
                 data = Data(xs, gm(*xs).argmax(1))
-        ctx = SelectionContext(gm, inv, spec, budget, data=data)
+        # ranks as chosen for a job that fine-tunes: BATUDE's gentle pull (its hard pull, for jobs
+        # without fine-tuning, trains at least 600 steps: a training run, not a rank choice)
+        ctx = SelectionContext(gm, inv, spec, budget, data=data, finetune_follows=True)
         t = time.perf_counter()
         try:
             plan = select_ranks(ctx, name)

@@ -159,8 +159,10 @@ def test_batude_pulls_weakly_when_finetuning_follows_and_adds_epochs_for_small_d
                                options={"epochs": 2, "min_steps": None if follows else 10})
         method = Batude()
         plan = method.select(ctx)
-        assert [h["rho"] for h in method.history] == [rho] * epochs
+        assert {h["rho"] for h in method.history} == {rho}
         assert f"{epochs} epochs of ADMM training (rho {rho:g})" in plan.note
+        # the hard pull's 5 epochs of 2 steps: Z-steps after epoch 1, every z_every (20) steps, and the last
+        assert [h["epoch"] for h in method.history] == ([1, 2] if follows else [1, 5])
 
 
 def test_batude_without_data_distils_on_random_inputs_and_says_so(resnet):

@@ -533,6 +533,7 @@ class Batude(RankSelector):
         total_units = max(epochs * (steps + 1), 1)
         done = 0
         nan_skips = 0
+        since_z, k, result = 0, 0, None  # W-steps since the last Z-step; the last Z-step's result
         for epoch in range(epochs):
             running, count, kind = 0.0, 0, ""
             t_w = time.perf_counter()
@@ -562,11 +563,20 @@ class Batude(RankSelector):
                 done += 1
                 ctx.progress("ranks", min(done / total_units, 0.99),
                              f"batude epoch {epoch + 1}/{epochs} step {done}: loss {task.item():.4g}")
+                since_z += 1
                 if z_every and k % z_every == 0:
                     self._zu_step(meter, slots, opts)
+                    since_z = 0
+            # After the epoch; with epochs shorter than z_every (small data) only every z_every steps
+            # and after the last, so that many tiny epochs do not mean as many Z-steps.
+            rho_next = rho * float(opts["rho_growth"]) if epoch + 1 >= math.ceil(epochs / 2) else rho
+            if z_every and k < z_every and since_z < z_every and result is not None and epoch < epochs - 1:
+                rho = rho_next
+                continue
             before = [s.ranks for s in slots]
             t_z = time.perf_counter()
             result = self._zu_step(meter, slots, opts)
+            since_z = 0
             changed = sum(b != s.ranks for b, s in zip(before, slots))
             self.history.append({"epoch": epoch + 1, "task_loss": running / max(count, 1), "rho": rho,
                                  "cost": result.total, "target": meter.target, "ranks_changed": changed,
@@ -576,8 +586,7 @@ class Batude(RankSelector):
             ctx.progress("ranks", min(done / total_units, 0.99),
                          f"batude epoch {epoch + 1}/{epochs}: Z-step, {changed} layers changed rank, "
                          f"cost {result.total:.4g} / {meter.target:.4g}")
-            if epoch + 1 >= math.ceil(epochs / 2):
-                rho *= float(opts["rho_growth"])
+            rho = rho_next
 
     def _zu_step(self, meter: Meter, slots: list[_Slot], opts: dict) -> GreedyResult:
         """Z-step then U-step (U_n += W - Z_n); the anchors follow."""
