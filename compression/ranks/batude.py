@@ -17,7 +17,8 @@ with one auxiliary pair (Z_n, U_n) per unfolding of every decomposable weight:
   regression targets shaped like the output, else MSE to the original model's
   outputs (distillation). Without ``ctx.data`` the method distils on random
   inputs drawn from ``ctx.spec`` and says so in the plan note.
-* Z-step (before training, after every epoch and every ``z_every`` mini-batches): SVD of each unfolding of
+* Z-step (before training, every ``z_every`` mini-batches and after every epoch, or only every
+  ``z_every`` mini-batches and after the last when epochs are shorter): SVD of each unfolding of
   ``W + U_n``; a greedy, budget-aware thresholding starts from full ranks and
   repeatedly drops the (layer, mode) singular value with the smallest
   ``sigma^2 / (cost saved)``, recomputing the saving with the layer's current
@@ -68,8 +69,8 @@ available):
   without it single modes collapsed to rank 1 at 5x.
 
 * The pull must be strong enough to move the weights: ``(rho/2) ||W - Z + U||^2``
-  is summed over elements while the task loss is a batch mean, so the paper's
-  rho of about 1e-3 left W where it was (VGG-like at 5x fewer MACs: 44.6 % top-1
+  is summed over elements while the task loss is a batch mean, so the design
+  brief's rho of about 1e-3 left W where it was (VGG-like at 5x fewer MACs: 44.6 % top-1
   right after compression). rho 1 with a Z/U-step every 20 mini-batches
   (``z_every``) brings each W to its truncation (89.7 %; uniform ranks 61.1 %):
   the paper's claim. It needs steps, not epochs: on 1,042 digits (33 mini-batches
