@@ -570,24 +570,23 @@ class Batude(RankSelector):
                     since_z = 0
             # After the epoch; with epochs shorter than z_every (small data) only every z_every steps
             # and after the last, so that many tiny epochs do not mean as many Z-steps.
-            rho_next = rho * float(opts["rho_growth"]) if epoch + 1 >= math.ceil(epochs / 2) else rho
-            if z_every and k < z_every and since_z < z_every and result is not None and epoch < epochs - 1:
-                rho = rho_next
-                continue
-            before = [s.ranks for s in slots]
-            t_z = time.perf_counter()
-            result = self._zu_step(meter, slots, opts)
-            since_z = 0
-            changed = sum(b != s.ranks for b, s in zip(before, slots))
-            self.history.append({"epoch": epoch + 1, "task_loss": running / max(count, 1), "rho": rho,
-                                 "cost": result.total, "target": meter.target, "ranks_changed": changed,
-                                 "nan_skips": nan_skips, "loss": kind, "w_seconds": t_z - t_w,
-                                 "zu_seconds": time.perf_counter() - t_z})
-            done += 1
-            ctx.progress("ranks", min(done / total_units, 0.99),
-                         f"batude epoch {epoch + 1}/{epochs}: Z-step, {changed} layers changed rank, "
-                         f"cost {result.total:.4g} / {meter.target:.4g}")
-            rho = rho_next
+            short = z_every and k < z_every
+            if not short or since_z >= z_every or result is None or epoch == epochs - 1:
+                before = [s.ranks for s in slots]
+                t_z = time.perf_counter()
+                result = self._zu_step(meter, slots, opts)
+                since_z = 0
+                changed = sum(b != s.ranks for b, s in zip(before, slots))
+                self.history.append({"epoch": epoch + 1, "task_loss": running / max(count, 1), "rho": rho,
+                                     "cost": result.total, "target": meter.target, "ranks_changed": changed,
+                                     "nan_skips": nan_skips, "loss": kind, "w_seconds": t_z - t_w,
+                                     "zu_seconds": time.perf_counter() - t_z})
+                done += 1
+                ctx.progress("ranks", min(done / total_units, 0.99),
+                             f"batude epoch {epoch + 1}/{epochs}: Z-step, {changed} layers changed rank, "
+                             f"cost {result.total:.4g} / {meter.target:.4g}")
+            if epoch + 1 >= math.ceil(epochs / 2):
+                rho *= float(opts["rho_growth"])
 
     def _zu_step(self, meter: Meter, slots: list[_Slot], opts: dict) -> GreedyResult:
         """Z-step then U-step (U_n += W - Z_n); the anchors follow."""
