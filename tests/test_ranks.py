@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 
 import numpy as np
 import pytest
@@ -15,7 +16,7 @@ import torch
 
 from bench.models import SmallConvNet
 from compression.budget import Budget
-from compression.errors import BudgetError, RankError
+from compression.errors import BudgetError, RankError, TensorTrimError
 from compression.input_spec import InputSpec
 from compression.inventory import build_inventory, count_macs, count_params
 from compression.latency import factored_module
@@ -364,3 +365,42 @@ def test_cli_takes_manual_layer_ranks_and_method_options(tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         main([*base, "-o", str(tmp_path / "bad"), "--layer-ranks", "{2: [4, 8]}"])
     assert info.value.code == 2 and "not JSON" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("method", "options", "says"), [
+    ("batude", {"z_every": "abc"}, "'z_every' must be a whole number >= 0"),
+    ("batude", {"epochs": 2.5}, "'epochs' must be a whole number > 0"),
+    ("batude", {"z_every": -1}, "'z_every' must be a whole number >= 0"),
+    ("batude", {"energy": "loud"}, "'energy' must be one of 'relative', 'absolute'"),
+    ("batude", {"fill": 1}, "'fill' must be true or false"),
+    ("batude", {"rho ": 1.0}, "unknown option(s) 'rho '"),
+    ("rene", {"lr": 0}, "'lr' must be a number > 0"),
+    ("rene", {"steps": float("nan")}, "'steps' must be a whole number > 0"),
+    ("rene", {"epochs": 2}, "unknown option(s) 'epochs' for method 'rene'"),
+])
+def test_wrongly_typed_method_options_fail_before_any_work_with_the_option_named(models, method, options, says):
+    with pytest.raises(TensorTrimError, match=re.escape(says)) as info:
+        select_ranks(models["resnet"].ctx("flops:3x", options=options), method)
+    assert info.value.code == "invalid_options"
+
+
+def test_method_options_keep_their_types_and_shared_options_pass(models):
+    from compression.ranks.base import method_options
+
+    ctx = models["resnet"].ctx("flops:3x", options={"epochs": 4.0, "z_every": None, "all_layers": True})
+    opts = method_options(ctx, "batude", {"epochs": 3, "z_every": 20, "lr": 1e-3}, nullable=("z_every",))
+    assert opts == {"epochs": 4, "z_every": None, "lr": 1e-3} and isinstance(opts["epochs"], int)
+
+
+def test_cli_reports_a_bad_method_option_as_an_error_not_a_traceback(tmp_path, capsys):
+    from compression.cli import main
+
+    model, spec = zoo.vgg_like()
+    path = tmp_path / "m.pt"
+    torch.jit.save(torch.jit.script(model), str(path))
+    code = main(["compress", str(path), "--input-shape", spec, "-q", "--no-latency", "-o", str(tmp_path / "o"),
+                 "--budget", "flops:2x", "--method", "rene", "--method-options", '{"steps": "abc"}'])
+    assert code == 2
+    assert "error (invalid_options): method 'rene': option 'steps' must be a whole number > 0, got 'abc'" in \
+        capsys.readouterr().err
+    assert not (tmp_path / "o" / "model.pt").exists()

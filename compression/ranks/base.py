@@ -7,8 +7,9 @@ arithmetic lives in ``Meter`` so every method hits the budget the same way.
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -17,7 +18,7 @@ import torch.fx
 
 from compression.budget import Budget
 from compression.costs import factored_cost
-from compression.errors import BudgetError
+from compression.errors import BudgetError, TensorTrimError
 from compression.forms import max_ranks
 from compression.input_spec import InputSpec
 from compression.inventory import Inventory, LayerInfo
@@ -35,6 +36,8 @@ BUDGET_TOLERANCE = 0.01  # every method lands within 1 % of the target (or as cl
 # cannot shrink, so its factorisation only narrows its output.
 MIN_WEIGHTS = 512
 STEM_CHANNELS = 4
+# Options read outside the methods themselves (candidates, fill, rank floor), so any method takes them.
+SHARED_OPTIONS = ("all_layers", "tied", "min_rank_share")
 
 
 @dataclass
@@ -246,3 +249,59 @@ def bisect_knob(build: Callable[[float], dict[str, tuple[str, tuple[int, ...]]]]
     if best is None:
         best = build(lo if increasing else hi)
     return best
+
+
+def method_options(ctx: SelectionContext, method: str, defaults: dict, *, types: dict | None = None,
+                   positive: Iterable[str] = (), nullable: Iterable[str] = (),
+                   choices: dict[str, tuple] | None = None) -> dict:
+    """``defaults`` overridden by ``ctx.options``, each value checked against its default's
+    type, so a typo or a string where a number belongs fails here with the option's name
+    rather than deep in a training loop. Numbers must be finite and >= 0 (> 0 for
+    ``positive``); a whole number where the default is one; ``None`` only where the
+    default is ``None`` or the key is ``nullable``. Unknown keys are an error too.
+    ``types`` (default: ``defaults``) gives the values whose types are checked against,
+    when ``defaults`` holds situational values such as ``None`` for "off"."""
+    types = defaults if types is None else types
+    known = set(defaults) | set(SHARED_OPTIONS)
+    unknown = sorted(set(ctx.options) - known)
+    if unknown:
+        raise TensorTrimError(f"unknown option(s) {', '.join(map(repr, unknown))} for method {method!r}: "
+                              f"choose from {', '.join(sorted(known))}", code="invalid_options")
+    nullable, positive, choices = set(nullable), set(positive), choices or {}
+    merged = dict(defaults)
+    for key, value in ctx.options.items():
+        if key in defaults:
+            merged[key] = _checked(method, key, value, types.get(key), key in nullable, key in positive,
+                                   choices.get(key))
+    return merged
+
+
+def _checked(method: str, key: str, value, default, nullable: bool, positive: bool, choices: tuple | None):
+    def bad(wanted: str) -> TensorTrimError:
+        return TensorTrimError(f"method {method!r}: option {key!r} must be {wanted}, got {value!r}",
+                               code="invalid_options")
+
+    if value is None:
+        if default is None or nullable:
+            return None
+        raise bad("given (null is not allowed)")
+    if choices is not None:
+        if value not in choices:
+            raise bad("one of " + ", ".join(map(repr, choices)))
+        return value
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise bad("true or false")
+        return value
+    if isinstance(default, str):
+        if not isinstance(value, str):
+            raise bad("a string")
+        return value
+    whole = isinstance(default, int)
+    kind = "a whole number" if whole else "a number"
+    sign = "> 0" if positive else ">= 0"
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise bad(f"{kind} {sign}")
+    if (whole and value != int(value)) or value < 0 or (positive and value == 0):
+        raise bad(f"{kind} {sign}")
+    return int(value) if whole else value

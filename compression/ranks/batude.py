@@ -102,7 +102,7 @@ from torch import Tensor, nn
 
 from compression.inventory import LayerInfo
 from compression.plan import RankPlan
-from compression.ranks.base import Meter, RankSelector, SelectionContext, plan_from_choice
+from compression.ranks.base import Meter, RankSelector, SelectionContext, method_options, plan_from_choice
 from compression.ranks.fill import below_break_even, fill_to_budget
 from compression.ranks.floor import rank_floor
 from compression.ranks.spectra import predicted_error, spectra_for
@@ -383,8 +383,9 @@ class Batude(RankSelector):
     # ------------------------------------------------------------------ main
 
     def select(self, ctx: SelectionContext) -> RankPlan:
-        opts = {**DEFAULTS, **(FINETUNE_DEFAULTS if ctx.finetune_follows else {}),
-                **{k: v for k, v in ctx.options.items() if k in DEFAULTS}}
+        opts = method_options(ctx, self.name, {**DEFAULTS, **(FINETUNE_DEFAULTS if ctx.finetune_follows else {})},
+                              types=DEFAULTS, positive=("epochs", "lr", "batch_size", "samples", "steps_per_epoch"),
+                              nullable=("z_every", "min_steps"), choices={"energy": ("relative", "absolute")})
         meter = ctx.meter()
         meter.check_reachable(ctx)
         t0 = time.perf_counter()

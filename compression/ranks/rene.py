@@ -83,7 +83,7 @@ from compression.forms import max_ranks
 from compression.inventory import LayerInfo
 from compression.linalg import cp_decompose, cp_reconstruct, leading_left_singular_vectors
 from compression.plan import RankPlan
-from compression.ranks.base import Meter, RankSelector, SelectionContext, plan_from_choice
+from compression.ranks.base import Meter, RankSelector, SelectionContext, method_options, plan_from_choice
 from compression.ranks.fill import below_break_even, fill_to_budget
 from compression.ranks.floor import rank_floor
 from compression.rewrite import get_tensor
@@ -495,7 +495,9 @@ class Rene(RankSelector):
 
     def select(self, ctx: SelectionContext) -> RankPlan:
         t0 = time.perf_counter()
-        opts = {**DEFAULTS, **{k: v for k, v in ctx.options.items() if k in DEFAULTS or k in ("all_layers", "threads")}}
+        opts = method_options(ctx, self.name, {**DEFAULTS, "threads": None},
+                              positive=("lr", "lr_alpha", "steps", "rounds", "candidates", "refine", "batch",
+                                        "samples", "side", "cp_iters", "threads"))
         meter = ctx.meter()
         meter.check_reachable(ctx)
         gen_state = torch.random.get_rng_state()
