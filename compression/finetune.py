@@ -39,6 +39,7 @@ from compression.ranks.base import Data
 from compression.rewrite import submodule_name
 from compression.synth import synthesize
 
+VAL_FRACTION = 0.1  # held out for early stopping and the best checkpoint (never seen by rank training)
 START_MARGIN_SE = 2.0  # how much better (in standard errors) the untrained start must validate to be kept
 
 # {layer name: (teacher call-node names, student module name)}
@@ -106,7 +107,7 @@ def finetune(
     temperature: float = 4.0,
     feature_weight: float = 0.5,
     relative_features: bool = False,
-    val_fraction: float = 0.1,
+    val_fraction: float = VAL_FRACTION,
     patience: int | None = 3,
     seed: int = 0,
     device: str | torch.device = "cpu",
