@@ -80,9 +80,10 @@ def run(budget_text: str, methods: list[str], on_row=None, model_name: str = "re
             xs = spec.example(32, seed=3)
             with torch.no_grad():
                 data = Data(xs, gm(*xs).argmax(1))
-        # ranks as chosen for a job that fine-tunes: BATUDE's gentle pull (its hard pull, for jobs
-        # without fine-tuning, trains at least 600 steps: a training run, not a rank choice)
-        ctx = SelectionContext(gm, inv, spec, budget, data=data, finetune_follows=True)
+        # ranks as chosen for a job that fine-tunes, but without BATUDE's 600-step minimum: on the
+        # few samples here that would be a training run of many epochs, not a rank choice
+        options = {"min_steps": 0} if name == "batude" else {}
+        ctx = SelectionContext(gm, inv, spec, budget, data=data, finetune_follows=True, options=options)
         t = time.perf_counter()
         try:
             plan = select_ranks(ctx, name)

@@ -151,18 +151,19 @@ def test_batude_admm_pull_makes_the_trained_weights_low_rank(resnet):
         assert pulled < 0.6 * free, (lp.name, pulled, free)
 
 
-def test_batude_pulls_weakly_when_finetuning_follows_and_adds_epochs_for_small_data(resnet):
+def test_batude_gives_the_ranks_only_when_finetuning_follows_and_adds_epochs_for_small_data(resnet):
     gm, spec, inv = resnet
     data = _labelled(gm, spec)  # 64 samples: 2 mini-batches of 32 an epoch
-    for follows, rho, epochs in ((True, 1e-3, 2), (False, 1.0, 5)):
+    for follows in (True, False):
         ctx = SelectionContext(gm, inv, spec, Budget.parse("flops:2x"), data=data, finetune_follows=follows,
-                               options={"epochs": 2, "min_steps": None if follows else 10})
+                               options={"epochs": 2, "min_steps": 10})
         method = Batude()
         plan = method.select(ctx)
-        assert {h["rho"] for h in method.history} == {rho}
-        assert f"{epochs} epochs of ADMM training (rho {rho:g})" in plan.note
-        # the hard pull's 5 epochs of 2 steps: Z-steps after epoch 1, every z_every (20) steps, and the last
-        assert [h["epoch"] for h in method.history] == ([1, 2] if follows else [1, 5])
+        assert {h["rho"] for h in method.history} == {1.0}
+        assert "5 epochs of ADMM training (rho 1)" in plan.note
+        # 5 epochs of 2 steps: Z-steps after epoch 1, every z_every (20) steps, and the last
+        assert [h["epoch"] for h in method.history] == [1, 5]
+        assert method.hand_on is not follows  # fine-tuning starts from the original weights
 
 
 def test_batude_without_data_distils_on_random_inputs_and_says_so(resnet):
@@ -388,3 +389,19 @@ def test_batude_recovers_planted_ranks_at_the_planted_budget():
     for name, r in planted.items():
         assert name in got, f"{name} left dense"
         assert all(abs(a - b) <= 2 for a, b in zip(got[name], r)), (name, got[name], r)
+
+
+def test_batude_hands_on_its_trained_weights_unless_told_to_give_the_ranks_only(resnet):
+    gm, spec, inv = resnet
+    original = {k: v.clone() for k, v in gm.state_dict().items()}
+    changed = {}
+    for hand_on in (True, False):
+        ctx = SelectionContext(gm, inv, spec, Budget.parse("flops:2x"), data=_labelled(gm, spec),
+                               options={**FAST, "lr": 1e-2, "hand_on": hand_on})
+        method = Batude()
+        method.select(ctx)
+        target = copy.deepcopy(gm)
+        method.load_trained(target)
+        changed[hand_on] = sorted(k for k, v in target.state_dict().items() if not torch.equal(v, original[k]))
+    assert changed[False] == [] and len(changed[True]) >= len(inv.decomposable)
+    assert all(torch.equal(v, original[k]) for k, v in gm.state_dict().items())  # the input graph untouched
