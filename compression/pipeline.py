@@ -149,8 +149,8 @@ def compress(
             selector, plan = _select(gm, inventory, spec, budget or Budget("flops", keep=1.0), form, method,
                                      selection_data(fit, finetune, seed),
                                      method_options, device, seed, progress, finetune_follows=bool(finetune))
-            # Methods that train the network (BATUDE) hand back trained weights:
-            # the factors come from those, not from the original.
+            # Methods that train the network (BATUDE) may hand back trained weights:
+            # then the factors come from those, not from the original.
             if hasattr(selector, "load_trained"):
                 selector.load_trained(gm)
         else:
@@ -290,10 +290,10 @@ def _split(data: Data | str | Path | None, spec: InputSpec, seed: int) -> tuple[
 
 def selection_data(fit: Data | None, finetune: bool | dict | None, seed: int) -> Data | None:
     """The data rank selection may use: with fine-tuning to follow, only the part fine-tuning
-    trains on. BATUDE trains the weights it hands on; trained on fine-tuning's validation
+    trains on. BATUDE trains weights it can hand on; trained on fine-tuning's validation
     split too, they would be judged on images they had seen: early stopping and the best
-    checkpoint would favour the start (kept as best in 5 of 6 runs at 2x fewer MACs in
-    bench/results/quality_batude_pull.json, where that was so)."""
+    checkpoint favoured the start (kept as best in 5 of 6 hard-pull runs at 2x fewer MACs
+    before this; README, "BATUDE's pull")."""
     if fit is None or not finetune:
         return fit
     fraction = finetune.get("val_fraction", VAL_FRACTION) if isinstance(finetune, dict) else VAL_FRACTION

@@ -123,8 +123,8 @@ def test_sweep_returns_the_accuracy_vs_macs_curve(model_file, tmp_path):
 
 
 def test_rank_training_never_sees_the_images_finetuning_validates_on(model_file, tmp_path, monkeypatch):
-    """BATUDE hands on the weights it trained; fine-tuning then early-stops and picks its best
-    checkpoint on a validation split, which must be images those weights never trained on."""
+    """BATUDE trains weights it can hand on; fine-tuning early-stops and picks its best
+    checkpoint on a validation split, which must be images rank selection never trained on."""
     from compression.data import train_val_split
     from compression.ranks.batude import Batude
 

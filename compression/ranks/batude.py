@@ -130,8 +130,8 @@ DEFAULTS: dict = {
 # When fine-tuning follows (``ctx.finetune_follows``) the method gives the ranks only: the
 # hard pull chooses them, fine-tuning starts from the original weights decomposed at them.
 # Measured (bench/results/quality_amd.md, this default, against quality_batude_gentle.md and
-# quality_batude_pull.md:
-# 6,000 Fashion-MNIST images, 5 fine-tuning epochs, 3 seeds, 2x/3x/5x): after fine-tuning
+# quality_batude_pull.md; 6,000 Fashion-MNIST images, 5 fine-tuning epochs, 3 seeds,
+# 2x/3x/5x fewer MACs): after fine-tuning
 # the ranks-only hard pull ends above the weak pull (rho 1e-3, trained weights handed on)
 # in 6 of 6 cells (by 0.05-0.26 points) and the hard pull with its trained weights in 5 of 6
 # (by 0.17-0.28; 0.04 lower in one): the trained weights keep more accuracy right after
