@@ -399,7 +399,8 @@ def test_batude_hands_on_its_trained_weights_unless_told_to_give_the_ranks_only(
         ctx = SelectionContext(gm, inv, spec, Budget.parse("flops:2x"), data=_labelled(gm, spec),
                                options={**FAST, "lr": 1e-2, "hand_on": hand_on})
         method = Batude()
-        method.select(ctx)
+        note = method.select(ctx).note
+        assert ("the ranks only" in note) is not hand_on and ("decompose the trained weights" in note) is hand_on
         target = copy.deepcopy(gm)
         method.load_trained(target)
         changed[hand_on] = sorted(k for k, v in target.state_dict().items() if not torch.equal(v, original[k]))

@@ -251,17 +251,13 @@ def bisect_knob(build: Callable[[float], dict[str, tuple[str, tuple[int, ...]]]]
     return best
 
 
-def method_options(ctx: SelectionContext, method: str, defaults: dict, *, types: dict | None = None,
-                   positive: Iterable[str] = (), nullable: Iterable[str] = (),
-                   choices: dict[str, tuple] | None = None) -> dict:
+def method_options(ctx: SelectionContext, method: str, defaults: dict, *, positive: Iterable[str] = (),
+                   nullable: Iterable[str] = (), choices: dict[str, tuple] | None = None) -> dict:
     """``defaults`` overridden by ``ctx.options``, each value checked against its default's
     type, so a typo or a string where a number belongs fails here with the option's name
     rather than deep in a training loop. Numbers must be finite and >= 0 (> 0 for
     ``positive``); a whole number where the default is one; ``None`` only where the
-    default is ``None`` or the key is ``nullable``. Unknown keys are an error too.
-    ``types`` (default: ``defaults``) gives the values whose types are checked against,
-    when ``defaults`` holds situational values such as ``None`` for "off"."""
-    types = defaults if types is None else types
+    default is ``None`` or the key is ``nullable``. Unknown keys are an error too."""
     known = set(defaults) | set(SHARED_OPTIONS)
     unknown = sorted(set(ctx.options) - known)
     if unknown:
@@ -271,7 +267,7 @@ def method_options(ctx: SelectionContext, method: str, defaults: dict, *, types:
     merged = dict(defaults)
     for key, value in ctx.options.items():
         if key in defaults:
-            merged[key] = _checked(method, key, value, types.get(key), key in nullable, key in positive,
+            merged[key] = _checked(method, key, value, defaults[key], key in nullable, key in positive,
                                    choices.get(key))
     return merged
 

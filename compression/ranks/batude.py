@@ -131,11 +131,10 @@ DEFAULTS: dict = {
 # hard pull chooses them, fine-tuning starts from the original weights decomposed at them.
 # Measured (bench/results/quality_amd.md, this default, against quality_batude_gentle.md and
 # quality_batude_pull.md; 6,000 Fashion-MNIST images, 5 fine-tuning epochs, 3 seeds,
-# 2x/3x/5x fewer MACs): after fine-tuning
-# the ranks-only hard pull ends above the weak pull (rho 1e-3, trained weights handed on)
-# in 6 of 6 cells (by 0.05-0.26 points) and the hard pull with its trained weights in 5 of 6
-# (by 0.17-0.28; 0.04 lower in one): the trained weights keep more accuracy right after
-# compression but fine-tune worse.
+# 2x/3x/5x fewer MACs): after fine-tuning the ranks-only hard pull ends above the weak
+# pull (rho 1e-3, trained weights handed on) in 6 of 6 cells (by 0.05-0.26 points) and the
+# hard pull with its trained weights in 5 of 6 (by 0.17-0.28; 0.04 lower in one): the
+# trained weights keep more accuracy right after compression but fine-tune worse.
 FINETUNE_DEFAULTS: dict = {"hand_on": False}
 MIN_LR_FACTOR = 1e-4  # give up lowering the lr after NaN below this fraction of the start lr
 
@@ -394,7 +393,7 @@ class Batude(RankSelector):
 
     def select(self, ctx: SelectionContext) -> RankPlan:
         opts = method_options(ctx, self.name, {**DEFAULTS, **(FINETUNE_DEFAULTS if ctx.finetune_follows else {})},
-                              types=DEFAULTS, positive=("epochs", "lr", "batch_size", "samples", "steps_per_epoch"),
+                              positive=("epochs", "lr", "batch_size", "samples", "steps_per_epoch"),
                               nullable=("z_every", "min_steps"), choices={"energy": ("relative", "absolute")})
         self.hand_on = bool(opts["hand_on"])
         meter = ctx.meter()
@@ -437,7 +436,8 @@ class Batude(RankSelector):
             self.trained_weights[s.layer.weight] = s.param.detach().clone()
         epochs = opts["epochs"]
         notes.append(f"{epochs} epochs of ADMM training (rho {opts['rho']:g}) in {time.perf_counter() - t0:.1f} s; "
-                     "decompose the trained weights (Batude.trained_graph / trained_weights), not the original")
+                     + ("decompose the trained weights (Batude.trained_graph / trained_weights), not the original"
+                        if self.hand_on else "the ranks only: the original weights are decomposed (hand_on false)"))
         ctx.progress("ranks", 1.0, "batude: done")
         return plan_from_choice(ctx, choice, self.name, errors, "; ".join(notes))
 
