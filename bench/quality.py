@@ -182,10 +182,11 @@ class Config:
     method_options: dict = field(default_factory=dict)  # {method: options} passed to compress
     n_net_train: int | None = None  # images the networks are trained on (None: the fine-tuning split)
     n_score: int | None = None  # test images every fine-tuned model is also scored on (None: the test split only)
+    ft_options: dict = field(default_factory=dict)  # further fine-tuning options, every method
 
     @property
     def finetune_options(self) -> dict:
-        return {"epochs": self.ft_epochs, "feature_weight": 0.0}
+        return {"epochs": self.ft_epochs, "feature_weight": 0.0, **self.ft_options}
 
     def key(self) -> str:
         """Runs are comparable (and cached together) when these agree."""
@@ -720,6 +721,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Confi
     p.add_argument("--method-options", default=None,
                    help='JSON {method: options} for compress, e.g. \'{"batude": {"epochs": 1}}\' '
                         '(default none; --quick: batude 1 epoch)')
+    p.add_argument("--finetune-options", default=None,
+                   help='JSON of further compression.finetune.finetune options for every method, e.g. '
+                        '\'{"mixup": 1.0}\' (default none)')
     p.add_argument("--max-minutes", type=float, default=None, help="start no new run after this long")
     p.add_argument("--out", default=None, help="results path without suffix (default bench/results/quality; "
                    "bench/cache/quality/quality_quick with --quick)")
@@ -738,6 +742,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Confi
         methods=a.methods.split(","), seeds=seed_list, n_train=n_train, n_test=n_test,
         train_epochs=a.train_epochs or (3 if quick else 8), ft_epochs=a.ft_epochs or (1 if quick else 5),
         repeats=a.repeats, n_net_train=net_train, n_score=n_score,
+        ft_options=json.loads(a.finetune_options) if a.finetune_options else {},
         method_options=json.loads(a.method_options) if a.method_options else ({"batude": {"epochs": 1}} if quick
                                                                               else {}))
     if net_train is not None and net_train < n_train:
