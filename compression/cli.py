@@ -81,7 +81,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def _finetune_options(args: argparse.Namespace) -> bool | dict:
     if not args.finetune:
         return False
-    return {"epochs": args.epochs, "lr": args.lr, "optimizer": args.optimizer}
+    options = {"epochs": args.epochs, "lr": args.lr, "optimizer": args.optimizer}
+    return {k: v for k, v in options.items() if v is not None}
 
 
 def cmd_compress(args: argparse.Namespace) -> int:
@@ -180,7 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="data set: .npz with x (and y) arrays, or an image-folder zip")
     p.add_argument("--finetune", action="store_true", help="fine-tune after decomposition (data-free without --data)")
     p.add_argument("--epochs", type=int, default=5, help="fine-tuning epochs")
-    p.add_argument("--lr", type=float, default=0.01, help="fine-tuning learning rate")
+    p.add_argument("--lr", type=float, default=None,
+                   help="fine-tuning learning rate (default 0.01 with SGD, 0.001 with AdamW)")
     p.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     p.add_argument("-o", "--output", required=True, help="output directory")

@@ -117,9 +117,11 @@ def compress(
     ``data`` (a ``Data``, or a ``.npz`` / image-folder zip path) feeds
     data-aware rank selection, fine-tuning and the report's accuracy; 20 % of
     it is held out for evaluation. ``finetune`` is False, True (defaults) or a
-    dict of ``compression.finetune.finetune`` options; without data it distils
-    on inputs synthesised from the batch-norm statistics (data-free mode).
+    dict of ``compression.finetune.finetune`` options (``{}``: the defaults, as
+    True); without data it distils on inputs synthesised from the batch-norm
+    statistics (data-free mode).
     """
+    ft_options = finetune_options(finetune)
     spec = InputSpec.parse(input_spec) if isinstance(input_spec, str) else input_spec
     budget = Budget.parse(budget) if isinstance(budget, str) else budget
     out = Path(out_dir)
@@ -147,8 +149,8 @@ def compress(
         if budget is not None or method == "manual":
             # manual ranks need no budget; one of "keep everything" only prices the plan
             selector, plan = _select(gm, inventory, spec, budget or Budget("flops", keep=1.0), form, method,
-                                     selection_data(fit, finetune, seed),
-                                     method_options, device, seed, progress, finetune_follows=bool(finetune))
+                                     selection_data(fit, ft_options, seed), method_options, device, seed,
+                                     progress, finetune_follows=ft_options is not None)
             # Methods that train the network (BATUDE) may hand back trained weights:
             # then the factors come from those, not from the original.
             if hasattr(selector, "load_trained"):
@@ -167,11 +169,10 @@ def compress(
     evaluation = {"after_decompose": evaluate(gm, reference, reference=teacher, spec=spec, device=device)}
 
     finetune_report = None
-    if finetune:
+    if ft_options is not None:
         with timer("finetune"):
-            options = {} if finetune is True else dict(finetune)
             result = run_finetune(gm, teacher, fit, spec=spec, layers=layer_map(inventory, gm), seed=seed,
-                                  device=device, progress=progress, **options)
+                                  device=device, progress=progress, **ft_options)
             finetune_report = result.to_dict()
         gm.eval()
 
@@ -288,15 +289,23 @@ def _split(data: Data | str | Path | None, spec: InputSpec, seed: int) -> tuple[
     return train_val_split(data, TEST_FRACTION, seed=seed)
 
 
-def selection_data(fit: Data | None, finetune: bool | dict | None, seed: int) -> Data | None:
+def finetune_options(finetune: bool | dict | None) -> dict | None:
+    """``compress``'s ``finetune`` as fine-tuning options, None when off. An empty dict means
+    the defaults (as the API sends when no field is set), not off."""
+    if finetune is None or finetune is False:
+        return None
+    return {} if finetune is True else dict(finetune)
+
+
+def selection_data(fit: Data | None, finetune: dict | None, seed: int) -> Data | None:
     """The data rank selection may use: with fine-tuning to follow, only the part fine-tuning
     trains on. BATUDE trains weights it can hand on; trained on fine-tuning's validation
     split too, they would be judged on images they had seen: early stopping and the best
     checkpoint favoured the start (kept as best in 5 of 6 hard-pull runs at 2x fewer MACs
     before this; README, "BATUDE's pull")."""
-    if fit is None or not finetune:
+    if fit is None or finetune is None:
         return fit
-    fraction = finetune.get("val_fraction", VAL_FRACTION) if isinstance(finetune, dict) else VAL_FRACTION
+    fraction = finetune.get("val_fraction", VAL_FRACTION)
     return train_val_split(fit, fraction, seed)[0]
 
 

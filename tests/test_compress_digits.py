@@ -132,13 +132,15 @@ def test_rank_training_never_sees_the_images_finetuning_validates_on(model_file,
     real_select = Batude.select
     monkeypatch.setattr(Batude, "select", lambda self, ctx: seen.append(ctx.data) or real_select(self, ctx))
     quick = {"epochs": 1, "min_steps": 0}
+    # finetune={} is fine-tuning with the defaults (what the API sends when no field is set), not off.
     tuned = compress(model_file, SPEC, "flops:3x", data=_all_data(), out_dir=tmp_path / "t", latency=False,
-                     method="batude", method_options=quick, finetune={"epochs": 1}, seed=5)
+                     method="batude", method_options=quick, finetune={}, seed=5)
     compress(model_file, SPEC, "flops:3x", data=_all_data(), out_dir=tmp_path / "p", latency=False,
              method="batude", method_options=quick, seed=5)
     fit, _ = train_val_split(_all_data(), 0.2, seed=5)  # the pipeline's report hold-out (TEST_FRACTION)
     _, val = train_val_split(fit, 0.1, seed=5)  # fine-tuning's validation split
     rows = lambda d: {tuple(v.tolist()) for v in d.x[0].flatten(1)}  # noqa: E731
+    assert tuned.finetune is not None and len(tuned.finetune["history"]) > 1
     assert len(seen[0]) == tuned.finetune["samples_train"] and len(val) == tuned.finetune["samples_val"]
     assert not rows(seen[0]) & rows(val) and rows(seen[0]) | rows(val) == rows(fit)
     assert len(seen[1]) == len(fit)  # no fine-tuning: nothing to hold out

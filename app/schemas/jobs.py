@@ -16,13 +16,19 @@ MAX_SWEEP = 6  # budgets in one sweep, the job's own included: each one is a ful
 
 
 class FinetuneOptions(BaseModel):
-    """Fine-tuning after decomposition, on the job's data set."""
+    """Fine-tuning after decomposition, on the job's data set. A field left out takes the engine's
+    default (``compression.finetune.finetune``: the recipe the quality benchmark measures), so the API,
+    the page and the CLI fine-tune alike."""
 
     model_config = ConfigDict(extra="forbid")
 
-    epochs: int = Field(default=1, ge=1, le=100)
-    lr: float = Field(default=1e-4, gt=0, le=1, description="learning rate")
-    batch_size: int = Field(default=32, ge=1, le=4096)
+    epochs: int | None = Field(default=None, ge=1, le=100, description="default 5")
+    lr: float | None = Field(default=None, gt=0, le=1, description="learning rate; default 0.01 (SGD), 0.001 (AdamW)")
+    batch_size: int | None = Field(default=None, ge=1, le=4096, description="default 64")
+    optimizer: Literal["sgd", "adamw"] | None = Field(default=None, description="default SGD with Nesterov momentum")
+
+    def engine_options(self) -> dict[str, Any]:
+        return self.model_dump(exclude_none=True)
 
 
 class JobCreate(BaseModel):
@@ -129,7 +135,7 @@ class JobCreate(BaseModel):
         return "manual" if self.ranks is not None and self.method is None else self.method
 
     def options(self) -> dict[str, Any]:
-        options: dict[str, Any] = {"finetune": self.finetune.model_dump()} if self.finetune else {}
+        options: dict[str, Any] = {"finetune": self.finetune.engine_options()} if self.finetune else {}
         if self.ranks is not None:
             options["method_options"] = {"ranks": self.ranks}
         if self.sweep:

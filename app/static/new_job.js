@@ -184,7 +184,11 @@
       }
     }
     if (state.dataset) body.dataset_id = state.dataset.id;
-    if ($("finetune").checked) body.finetune = { epochs: parseInt($("finetune-epochs").value, 10) || 1 };
+    if ($("finetune").checked) {
+      // An empty field leaves the epochs to the engine's default.
+      var epochs = parseInt($("finetune-epochs").value, 10);
+      body.finetune = epochs ? { epochs: epochs } : {};
+    }
     var sweep = $("sweep").value.split(",").map(function (b) { return b.trim(); }).filter(Boolean);
     if (sweep.length) body.sweep = sweep;
     var button = $("submit-job");
