@@ -2,7 +2,7 @@
 
 Loss per batch::
 
-    L = CE(student, y)                       (when labels are present)
+    L = ce_weight * CE(student, y)           (when labels are present)
       + kd_weight * KD(student, teacher)     (KL at temperature T on logits; MSE otherwise)
       + feature_weight * L_diss              (sum over replaced layers of the mean-reduced
                                               MSE between the factorised module's output and
@@ -116,7 +116,6 @@ def finetune(
     amp: bool = False,
     freeze_bn: bool | None = None,
     clip_grad: float = 5.0,
-    mixup: float = 0.0,
     synth_samples: int = 1024,
     synth_steps: int = 200,
     synth_batch: int = 128,
@@ -130,18 +129,12 @@ def finetune(
     data-free mode, where batches are synthetic, updated otherwise).
     ``relative_features`` divides each layer's MSE by the mean square of the
     original output (scale-free across layers; plain MSE as in DESIGN 1.2 by
-    default). ``mixup`` > 0 trains on convex mixes of two batch samples (weight
-    drawn from Beta(mixup, mixup)) that the teacher labels too, as in function
-    matching (Beyer et al. 2022): the student matches the original between the
-    user's samples, not only on them; cross-entropy takes the two labels in the
-    same proportion. Floating-point inputs only; validation is unmixed. ``amp``
+    default). ``amp``
     applies on CUDA only. On CUDA out-of-memory the batch is halved and training
     restarts from the initial weights.
     """
     if optimizer not in ("sgd", "adamw"):
         raise TensorTrimError(f"optimizer must be 'sgd' or 'adamw', got {optimizer!r}", code="invalid_options")
-    if not (isinstance(mixup, (int, float)) and math.isfinite(mixup) and mixup >= 0):
-        raise TensorTrimError(f"mixup must be a number >= 0 (0: off), got {mixup!r}", code="invalid_options")
     lr = DEFAULT_LR[optimizer] if lr is None else lr
     if epochs < 1 or batch_size < 1 or lr <= 0:
         raise TensorTrimError("epochs and batch size must be >= 1 and lr > 0", code="invalid_options")
@@ -161,9 +154,9 @@ def finetune(
         train, val = train_val_split(data, val_fraction, seed)
         if layers is None:
             layers = layer_map(build_inventory(teacher_gm, spec), student_gm) if feature_weight else {}
-        cfg = _Config(optimizer, lr, weight_decay, kd_weight, ce_weight, temperature, feature_weight, relative_features,
-                      data_free if freeze_bn is None else freeze_bn, clip_grad,
-                      amp and device.type == "cuda", epochs, patience, float(mixup))
+        cfg = _Config(optimizer, lr, weight_decay, kd_weight, ce_weight, temperature, feature_weight,
+                      relative_features, data_free if freeze_bn is None else freeze_bn, clip_grad,
+                      amp and device.type == "cuda", epochs, patience)
         tapped = _Teacher(teacher_gm, [n for nodes, _ in layers.values() for n in nodes])
         initial = _snapshot(student_gm)
 
@@ -226,7 +219,6 @@ class _Config:
     amp: bool
     epochs: int
     patience: int | None
-    mixup: float = 0.0
 
 
 class _Teacher:
@@ -277,10 +269,7 @@ class _Run:
 
         return record
 
-    def _loss(self, xs: tuple[torch.Tensor, ...], y: torch.Tensor | None,
-              mix: tuple[torch.Tensor, float] | None = None) -> tuple[torch.Tensor, dict, list, list]:
-        """``mix = (y2, lam)``: ``xs`` are mixes, ``lam`` of the samples labelled ``y`` and the rest of
-        those labelled ``y2``."""
+    def _loss(self, xs: tuple[torch.Tensor, ...], y: torch.Tensor | None) -> tuple[torch.Tensor, dict, list, list]:
         t_leaves, t_taps = self.teacher.run(xs)
         self.captured.clear()
         s_leaves = pytree.tree_leaves(self.student(*xs))
@@ -302,10 +291,7 @@ class _Run:
                 )
             self.labels_checked = True  # the first batch checks the whole label range (below)
         if y is not None and cfg.ce_weight:
-            ce = F.cross_entropy(logits.float(), y)
-            if mix is not None:
-                ce = mix[1] * ce + (1 - mix[1]) * F.cross_entropy(logits.float(), mix[0])
-            terms["ce"] = cfg.ce_weight * ce
+            terms["ce"] = cfg.ce_weight * F.cross_entropy(logits.float(), y)
         if cfg.kd_weight:
             terms["kd"] = cfg.kd_weight * _kd(s_leaves, t_leaves, cfg.temperature)
         if cfg.feature_weight and self.layers:
@@ -399,24 +385,14 @@ class _Run:
         total, count, sums = 0.0, 0, {}
         has_bn_train = any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
                            for m in self.student.modules())
-        mixing = self.cfg.mixup > 0 and all(x.is_floating_point() for x in self.train_data.x)
-        gen = torch.Generator().manual_seed(seed)
-        beta = torch.distributions.Beta(self.cfg.mixup, self.cfg.mixup) if mixing else None
         for xs, y in self.train_data.batches(self.batch_size, shuffle=True, seed=seed):
             n = int(xs[0].shape[0])
             if n < 2 and has_bn_train:
                 continue  # BatchNorm in training mode cannot normalise one sample
             xs = tuple(x.to(self.device, non_blocking=True) for x in xs)
             y = None if y is None else y.to(self.device, non_blocking=True)
-            mix = None
-            if beta is not None:
-                # Beta.sample draws from the global RNG, which finetune seeds per run (fork_rng).
-                lam = float(beta.sample())
-                perm = torch.randperm(n, generator=gen).to(self.device)
-                xs = tuple(lam * x + (1 - lam) * x[perm] for x in xs)
-                mix = (None if y is None else y[perm], lam)
             with torch.autocast("cuda", dtype=self.amp_dtype, enabled=self.cfg.amp):
-                loss, terms, _, _ = self._loss(xs, y, mix if y is not None else None)
+                loss, terms, _, _ = self._loss(xs, y)
             if not torch.isfinite(loss):
                 return math.nan, {}, True
             opt.zero_grad(set_to_none=True)

@@ -187,45 +187,6 @@ def test_the_start_is_kept_only_when_it_validates_clearly_better(setup):
     assert all(torch.equal(v, start[k]) for k, v in student.state_dict().items())
 
 
-def test_mixup_trains_on_mixes_the_teacher_labels_too(setup):
-    """With ``mixup`` the student and the teacher see the same convex mixes of two training samples
-    (function matching), never the raw samples; validation stays on real ones; runs repeat exactly."""
-    data = Data((setup.train.x[0][:256],), setup.train.y[:256])
-    seen: dict[str, list[torch.Tensor]] = {"student": [], "teacher": []}
-    states = []
-    for _ in range(2):
-        student = compressed(setup)
-        # The student's first conv (factorised: tt_0) takes the model's input; the teacher's first conv is
-        # a functional call, so its output is read at the BatchNorm after it ("1").
-        hooks = [student.get_submodule("tt_0").register_forward_pre_hook(
-                     lambda m, a: seen["student"].append(a[0].detach().clone()) if m.training else None),
-                 setup.teacher.get_submodule("1").register_forward_pre_hook(
-                     lambda m, a: seen["teacher"].append(a[0].detach().clone()))]
-        try:
-            result = finetune(student, setup.teacher, data, spec=setup.spec, epochs=1, batch_size=64, seed=5,
-                              mixup=1.0, feature_weight=0.0)
-        finally:
-            for h in hooks:
-                h.remove()
-        states.append(student.state_dict())
-    assert all(torch.equal(v, states[1][k]) for k, v in states[0].items())
-    assert set(result.history[1].train_terms) == {"ce", "kd"}
-    raw = data.x[0].flatten(1)
-    trained_on = torch.cat(seen["student"]).flatten(1)
-    assert len(trained_on) >= 200
-    # Training inputs are mixes, not raw samples (a sample the shuffle pairs with itself stays raw:
-    # about one per batch).
-    raw_share = float((torch.cdist(trained_on, raw).min(dim=1).values < 1e-4).float().mean())
-    assert raw_share < 0.1
-    conv0 = setup.teacher.get_submodule("0")
-    for x in seen["student"][:3]:  # the teacher labelled exactly these mixes
-        expected = torch.nn.functional.conv2d(x, conv0.weight, conv0.bias, padding=1)
-        assert any(t.shape == expected.shape and torch.allclose(t, expected, atol=1e-5) for t in seen["teacher"])
-    with pytest.raises(TensorTrimError, match="mixup") as err:
-        finetune(compressed(setup), setup.teacher, data, spec=setup.spec, epochs=1, mixup=-1)
-    assert err.value.code == "invalid_options"
-
-
 @pytest.mark.parametrize(("optimizer", "lr"), [("sgd", 0.01), ("adamw", 1e-3)])
 def test_the_default_learning_rate_suits_the_optimizer(setup, optimizer, lr):
     data = Data((setup.train.x[0][:128],), setup.train.y[:128])
