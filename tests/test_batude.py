@@ -406,3 +406,64 @@ def test_batude_hands_on_its_trained_weights_unless_told_to_give_the_ranks_only(
         changed[hand_on] = sorted(k for k, v in target.state_dict().items() if not torch.equal(v, original[k]))
     assert changed[False] == [] and len(changed[True]) >= len(inv.decomposable)
     assert all(torch.equal(v, original[k]) for k, v in gm.state_dict().items())  # the input graph untouched
+
+
+
+def _top1_after_decomposing(gm, inv, plan, data: Data) -> float:
+    from compression.evaluate import evaluate
+
+    return float(evaluate(apply_plan(copy.deepcopy(gm), inv, plan).eval(), data)["top1"])
+
+
+@pytest.fixture(scope="module")
+def digits_cnn():
+    """A trained network and real labels: plans differ in what they keep (a random network's
+    predictions on random inputs barely depend on the ranks)."""
+    try:
+        from tests.digits import SPEC, digits, trained_cnn
+    except ImportError:
+        from digits import SPEC, digits, trained_cnn  # type: ignore[no-redef]
+    spec = InputSpec.parse(SPEC)
+    gm = to_editable(torch.jit.script(trained_cnn()), spec).gm
+    train, _ = digits()
+    return gm, spec, build_inventory(gm, spec), Data(tuple(t[:400] for t in train.x), train.y[:400])
+
+
+def test_shortlist_starts_from_the_plan_whose_decomposed_original_keeps_most(digits_cnn):
+    """Planted: a plan that cuts every layer to rank 1 beside uniform ranks; the shortlist must take
+    uniform's even when listed first, keep the first of equal plans, and report every score."""
+    from compression.plan import RankPlan, layer_plan
+    from compression.ranks.shortlist import shortlist
+
+    gm, spec, inv, data = digits_cnn
+    ctx = SelectionContext(gm, inv, spec, Budget.parse("flops:2x"), data=data)
+    uniform = Uniform().select(ctx)
+    crushed = RankPlan("crushed", [layer_plan(inv.by_name(lp.name), lp.form, (1,) * len(lp.ranks))
+                                   for lp in uniform.layers])
+    picked = shortlist(ctx, {"crushed": crushed, "uniform": uniform}, data)
+    assert picked.metric == "top-1" and picked.chosen == "uniform"
+    assert picked.scores["uniform"] == _top1_after_decomposing(gm, inv, uniform, data)
+    assert picked.scores["crushed"] < picked.scores["uniform"] - 0.2
+    assert shortlist(ctx, {"a": uniform, "b": uniform}, data).chosen == "a"
+    assert "started from uniform's ranks" in picked.describe("crushed")
+
+
+def test_batude_ranks_only_take_the_best_start_of_its_uniform_and_energy_plans(digits_cnn):
+    from compression.ranks.energy import Energy
+
+    gm, spec, inv, data = digits_cnn
+    budget = Budget.parse("flops:3x")
+    plans, notes = {}, {}
+    for shortlisted in (True, False):
+        ctx = SelectionContext(gm, inv, spec, budget, data=data, finetune_follows=True,
+                               options={**FAST, "shortlist": shortlisted})
+        plan = Batude().select(ctx)
+        plans[shortlisted], notes[shortlisted] = plan, plan.note
+    assert "right after decomposing the original weights" in notes[True]
+    assert "right after decomposing" not in notes[False]
+    ctx = SelectionContext(gm, inv, spec, budget, data=data)
+    candidates = {"batude": plans[False], "uniform": Uniform().select(ctx), "energy": Energy().select(ctx)}
+    scores = {name: _top1_after_decomposing(gm, inv, p, data) for name, p in candidates.items()}
+    best = max(scores, key=lambda n: scores[n])
+    assert _ranks(plans[True]) == _ranks(candidates[best]), (scores, notes[True])
+    assert plans[True].method == "batude"

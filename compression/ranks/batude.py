@@ -87,7 +87,9 @@ many W-steps, adding epochs: 600), ``rho_growth`` (1.0),
 256), ``steps_per_epoch`` (cap, None), ``energy`` ("relative" | "absolute"),
 ``fill`` (True), ``min_rank_share`` (0.5), ``hand_on`` (True: the pipeline decomposes the
 trained weights; False, the default when fine-tuning follows: the ranks only, the original
-weights are decomposed).
+weights are decomposed), ``shortlist`` (True: with the ranks only and data, the plan
+whose decomposed original weights score best on the data among BATUDE's, uniform's and
+energy's at the same budget; ``compression.ranks.shortlist``).
 """
 
 from __future__ import annotations
@@ -107,6 +109,7 @@ from compression.plan import RankPlan
 from compression.ranks.base import Meter, RankSelector, SelectionContext, method_options, plan_from_choice
 from compression.ranks.fill import below_break_even, fill_to_budget
 from compression.ranks.floor import rank_floor
+from compression.ranks.shortlist import data_free_plans, shortlist
 from compression.ranks.spectra import predicted_error, spectra_for
 from compression.rewrite import get_tensor
 
@@ -126,6 +129,7 @@ DEFAULTS: dict = {
     "z_every": 20,
     "min_steps": 600,
     "hand_on": True,
+    "shortlist": True,
 }
 # When fine-tuning follows (``ctx.finetune_follows``) the method gives the ranks only: the
 # hard pull chooses them, fine-tuning starts from the original weights decomposed at them.
@@ -135,6 +139,10 @@ DEFAULTS: dict = {
 # pull (rho 1e-3, trained weights handed on) in 6 of 6 cells (by 0.05-0.26 points) and the
 # hard pull with its trained weights in 5 of 6 (by 0.17-0.28; 0.04 lower in one): the
 # trained weights keep more accuracy right after compression but fine-tune worse.
+# ``shortlist`` then starts from whichever of BATUDE's, uniform's and energy's plans keeps
+# most of the original right after decomposition (bench/results/quality_shortlist.md, same
+# setting): its worst cell against uniform went from -0.23 to -0.09 points (VGG-like 3x),
+# ResNet-like 5x +0.20 over BATUDE's ranks alone; every gap to the ranks alone is within noise.
 FINETUNE_DEFAULTS: dict = {"hand_on": False}
 MIN_LR_FACTOR = 1e-4  # give up lowering the lr after NaN below this fraction of the start lr
 
@@ -438,8 +446,16 @@ class Batude(RankSelector):
         notes.append(f"{epochs} epochs of ADMM training (rho {opts['rho']:g}) in {time.perf_counter() - t0:.1f} s; "
                      + ("decompose the trained weights (Batude.trained_graph / trained_weights), not the original"
                         if self.hand_on else "the ranks only: the original weights are decomposed (hand_on false)"))
+        plan = plan_from_choice(ctx, choice, self.name, errors, "; ".join(notes))
+        if not self.hand_on and opts["shortlist"] and ctx.data is not None:
+            ctx.progress("ranks", 0.99, "batude: comparing its ranks with uniform's and energy's on the data")
+            others = data_free_plans(ctx)
+            picked = shortlist(ctx, {self.name: plan, **others}, ctx.data)
+            if picked.chosen != self.name:
+                plan = RankPlan(self.name, others[picked.chosen].layers, others[picked.chosen].dense, plan.note)
+            plan.note += "; " + picked.describe(self.name)
         ctx.progress("ranks", 1.0, "batude: done")
-        return plan_from_choice(ctx, choice, self.name, errors, "; ".join(notes))
+        return plan
 
     # ------------------------------------------------------------------ pieces
 
