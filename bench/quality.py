@@ -569,9 +569,26 @@ def markdown(report: dict) -> str:
               "(see bench/baselines.py); it decomposes only the k x k convs with more than one input channel, "
               "and its per-call core reconstruction is included in its MACs and latency.",
               "- Latency: medians under a shared, loaded 2-core machine; compare within a row, not across rows."]
+    lines += [f"- Cached runs made by other code (the cache is keyed by the configuration, not the code): {stale}"
+              for stale in [older_code(report)] if stale]
     if report.get("verdict"):
         lines += ["", "## Verdict (measured, this configuration only)", ""] + [f"- {v}" for v in report["verdict"]]
     return "\n".join(lines) + "\n"
+
+
+def older_code(report: dict) -> str:
+    """Which runs were made by code other than this invocation's, and in which files it differed
+    (by bytes: a comment counts; each run file keeps its hashes under ``sources``)."""
+    now = report["meta"]["sources_this_invocation"]
+    by_method: dict[str, tuple[int, set[str]]] = {}
+    for run in report["runs"]:
+        then = run.get("sources") or {}
+        files = {f for f in set(now) | set(then) if now.get(f) != then.get(f)}
+        if files:
+            count, seen = by_method.get(run["method"], (0, set()))
+            by_method[run["method"]] = (count + 1, seen | files)
+    return "; ".join(f"{method}: {count} run(s), differing in {', '.join(sorted(files))}"
+                     for method, (count, files) in sorted(by_method.items()))
 
 
 LEARNED = ("rene", "batude")  # the methods the target is about; every other method is a baseline for them

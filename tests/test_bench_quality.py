@@ -133,3 +133,15 @@ def test_the_verdict_holds_the_learned_methods_to_our_rank_heuristics_too_and_gi
     # se = sqrt(0.3^2 / 3 + 0.4^2 / 3) = 0.29 points
     assert line == ("batude on n at 2x: 90.00 % (-1.00 vs original); beats uniform, prune; does NOT beat energy "
                     "90.20 (gap -0.20 ± 0.29)")
+
+
+def test_the_report_names_cached_runs_made_by_other_code() -> None:
+    now = {"compression/finetune.py": "a", "compression/ranks/batude.py": "b"}
+    runs = [{"method": "uniform", "sources": dict(now)},
+            {"method": "batude", "sources": {**now, "compression/ranks/batude.py": "old"}},
+            {"method": "batude", "sources": {**now, "compression/finetune.py": "old"}},
+            {"method": "energy"}]  # from before runs recorded their sources
+    text = q.older_code({"meta": {"sources_this_invocation": now}, "runs": runs})
+    assert text == ("batude: 2 run(s), differing in compression/finetune.py, compression/ranks/batude.py; "
+                    "energy: 1 run(s), differing in compression/finetune.py, compression/ranks/batude.py")
+    assert q.older_code({"meta": {"sources_this_invocation": now}, "runs": runs[:1]}) == ""
