@@ -133,7 +133,7 @@ def finetune(
     applies on CUDA only. On CUDA out-of-memory the batch is halved and training
     restarts from the initial weights.
     """
-    if optimizer not in ("sgd", "adamw"):
+    if optimizer not in DEFAULT_LR:
         raise TensorTrimError(f"optimizer must be 'sgd' or 'adamw', got {optimizer!r}", code="invalid_options")
     lr = DEFAULT_LR[optimizer] if lr is None else lr
     if epochs < 1 or batch_size < 1 or lr <= 0:

@@ -17,6 +17,8 @@ from compression.plan import RankPlan
 from compression.ranks.base import SHARED_OPTIONS, Data, SelectionContext
 
 MAX_SAMPLES = 2048  # scoring a plan is one forward pass over at most this many samples
+# (name, evaluate's key, sign): the first the evaluation fills in scores the plans, higher better
+METRICS = (("top-1", "top1", 1.0), ("agreement", "agreement", 1.0), ("-relative error", "relative_error", -1.0))
 
 
 @dataclasses.dataclass
@@ -56,10 +58,7 @@ def shortlist(ctx: SelectionContext, plans: dict[str, RankPlan], data: Data) -> 
         gm = apply_plan(copy.deepcopy(ctx.gm), ctx.inventory, plan).eval()
         results[name] = evaluate(gm, data, reference=ctx.gm, spec=ctx.spec, device=ctx.device)
     first = next(iter(results.values()))
-    metric = "top-1" if first.get("top1") is not None else "agreement" if first.get("agreement") is not None \
-        else "-relative error"
-    key = {"top-1": "top1", "agreement": "agreement", "-relative error": "relative_error"}[metric]
-    sign = -1.0 if metric == "-relative error" else 1.0
+    metric, key, sign = next(m for m in METRICS if first.get(m[1]) is not None)
     scores = {name: sign * float(r[key]) for name, r in results.items()}
     best = max(scores, key=lambda n: scores[n])  # max keeps the first of equals
     return Shortlist(best, scores, metric)
