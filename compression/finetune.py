@@ -138,6 +138,11 @@ def finetune(
     lr = DEFAULT_LR[optimizer] if lr is None else lr
     if epochs < 1 or batch_size < 1 or lr <= 0:
         raise TensorTrimError("epochs and batch size must be >= 1 and lr > 0", code="invalid_options")
+    weights = {"kd_weight": kd_weight, "ce_weight": ce_weight, "feature_weight": feature_weight}
+    in_use = [w for k, w in weights.items() if k != "ce_weight" or (data is not None and data.y is not None)]
+    if any(not w >= 0 for w in weights.values()) or not sum(in_use) > 0 or not temperature > 0:
+        raise TensorTrimError(f"loss weights must be >= 0, at least one in use > 0 (ce_weight needs labels), and "
+                              f"temperature > 0; got {weights}, temperature {temperature}", code="invalid_options")
     t0 = time.perf_counter()
     device = torch.device(device)
     teacher_gm.eval()

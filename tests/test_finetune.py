@@ -141,6 +141,12 @@ def test_options_and_errors(setup):
         finetune(student, setup.teacher, setup.train, spec=setup.spec, optimizer="adam")
     with pytest.raises(TensorTrimError, match="not nodes of the original graph"):
         finetune(student, setup.teacher, setup.train, spec=setup.spec, layers={"0": (("nope",), "tt_0")})
+    unlabelled = Data((setup.train.x[0][:20],))
+    for options in ({"ce_weight": -1.0}, {"temperature": 0.0}, {"kd_weight": float("nan")},
+                    {"kd_weight": 0.0, "feature_weight": 0.0}):  # the last leaves only CE, and there are no labels
+        with pytest.raises(TensorTrimError, match="loss weights") as err:
+            finetune(student, setup.teacher, unlabelled, spec=setup.spec, epochs=1, **options)
+        assert err.value.code == "invalid_options"
     bad = Data((setup.train.x[0][:20],), setup.train.y[:20] + 10)
     with pytest.raises(TensorTrimError, match="out of range") as err:
         finetune(student, setup.teacher, bad, spec=setup.spec, epochs=1)

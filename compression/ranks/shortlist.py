@@ -53,10 +53,12 @@ def shortlist(ctx: SelectionContext, plans: dict[str, RankPlan], data: Data) -> 
 
     if len(data) > MAX_SAMPLES:
         _, data = data.split(MAX_SAMPLES / len(data), seed=ctx.seed)
-    results = {}
+    results, reference = {}, ctx.gm
     for name, plan in plans.items():
         gm = apply_plan(copy.deepcopy(ctx.gm), ctx.inventory, plan).eval()
-        results[name] = evaluate(gm, data, reference=ctx.gm, spec=ctx.spec, device=ctx.device)
+        results[name] = evaluate(gm, data, reference=reference, spec=ctx.spec, device=ctx.device)
+        if results[name].get("top1") is not None:
+            reference = None  # top-1 decides: the original's forward pass is not needed again
     first = next(iter(results.values()))
     metric, key, sign = next(m for m in METRICS if first.get(m[1]) is not None)
     scores = {name: sign * float(r[key]) for name, r in results.items()}
