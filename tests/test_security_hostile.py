@@ -262,7 +262,7 @@ def test_sandboxed_child_cannot_read_root_only_files(tmp_path: Path) -> None:
     """A root child without capabilities still owns root's files; the child runs as nobody."""
     import io
 
-    from worker.sandbox import Limits, Sandbox
+    from worker.sandbox import Limits, Sandbox, child_id
 
     planted = secrets.token_hex(16)
     loose = Path("/tmp") / f"tensortrim-root-only-{planted[:8]}"  # in a directory nobody can pass
@@ -289,7 +289,7 @@ def test_sandboxed_child_cannot_read_root_only_files(tmp_path: Path) -> None:
         assert box.finish() == 0
         assert box.isolation.unprivileged_user and box.isolation.complete, box.isolation
         out = (scratch / "result.json").read_text()
-        assert "uid=65534" in out and planted not in out, out
+        assert f"uid={child_id(box.pid)}" in out and planted not in out, out
         assert f"{loose}=PermissionError" in out, out
         # Control: the same probe outside the sandbox (as root) reads them all.
         plain = subprocess.run([sys.executable, "-c", probe.replace("result.json", str(tmp_path / "plain.txt"))],
@@ -298,3 +298,46 @@ def test_sandboxed_child_cannot_read_root_only_files(tmp_path: Path) -> None:
         assert (tmp_path / "plain.txt").read_text().count(planted) == 2
     finally:
         loose.unlink()
+
+
+@pytest.mark.skipif(not ROOT, reason="changing user needs root")
+@pytest.mark.skipif(not _code_open_to_others(), reason="the checkout or interpreter is closed to other users "
+                                                      "(0700): the child keeps uid 0 and says so")
+def test_one_jobs_child_cannot_signal_or_read_another_jobs_child(tmp_path: Path) -> None:
+    """Two jobs' children at once: each runs as its own user, so the second can neither kill
+    the first nor read its environment or memory (with one shared user it could do all three)."""
+    import io
+
+    from worker.sandbox import CHILD_ID_BASE, Limits, Sandbox, child_id
+
+    def box(name: str, code: str) -> Sandbox:
+        scratch = tmp_path / "scratch" / name
+        scratch.mkdir(parents=True)
+        return Sandbox(scratch, "", limits=Limits(60, 60, 1 << 20, 64, 4096, None), log=io.StringIO(),
+                       scratch_root=scratch.parent, command=["-c", code])
+
+    victim = box("victim", "import time; time.sleep(60)")
+    try:
+        probe = (
+            "import os, pathlib, signal\n"
+            f"pid, out = {victim.pid}, [f'uid={{os.getuid()}}']\n"
+            "for what, act in (('kill', lambda: os.kill(pid, signal.SIGKILL)),\n"
+            "                  ('environ', lambda: open(f'/proc/{pid}/environ', 'rb').read()),\n"
+            "                  ('mem', lambda: open(f'/proc/{pid}/mem', 'rb').read(1))):\n"
+            "    try:\n"
+            "        act()\n"
+            "        out.append(what + '=done')\n"
+            "    except OSError as e:\n"
+            "        out.append(what + '=' + type(e).__name__)\n"
+            "pathlib.Path('result.txt').write_text(' '.join(out))\n"
+        )
+        attacker = box("attacker", probe)
+        assert attacker.finish() == 0
+        out = (tmp_path / "scratch" / "attacker" / "result.txt").read_text()
+        assert out == f"uid={child_id(attacker.pid)} kill=PermissionError environ=PermissionError mem=PermissionError"
+        assert victim.poll() is None  # still running: the kill did not land
+        assert victim.isolation.unprivileged_user and attacker.isolation.unprivileged_user
+        assert child_id(victim.pid) == CHILD_ID_BASE + victim.pid != child_id(attacker.pid)
+    finally:
+        victim.kill("test over")
+        victim.finish()

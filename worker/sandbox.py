@@ -14,9 +14,11 @@ holds nothing worth stealing and can reach little:
   network at all), a new mount namespace in which the data directory, storage and the
   other jobs' scratch directories are hidden and every mount except its own scratch is
   read-only, an empty capability bounding set (so the child cannot undo any of it), and
-  the unprivileged user ``nobody`` (a root child, even without capabilities, still owns
-  every root-owned file: /etc/shadow, /root/.ssh, a 0600 settings file). Directories
-  that ``nobody`` cannot traverse on the way to what the child needs (the interpreter
+  an unprivileged user of its own (a root child, even without capabilities, still owns
+  every root-owned file: /etc/shadow, /root/.ssh, a 0600 settings file). Its own, not a
+  shared ``nobody``: one user's model must not signal, ptrace or read the memory of
+  another job's child, nor share its process limit (``child_id``). Directories
+  that other users cannot traverse on the way to what the child needs (the interpreter
   under /root/.pyenv, a 0700 temporary directory holding the code or the scratch) are
   covered by an empty tmpfs in which only those paths are bound back.
   Without privileges this part is skipped and recorded; ``require_isolation`` refuses.
@@ -59,7 +61,8 @@ MAX_LINE = 64 * 1024  # longer protocol lines are dropped
 MAX_EVENTS = 10_000
 ENV_PASSTHROUGH = ("PATH", "LANG", "LC_ALL", "TZ")
 CODE_ROOT = Path(__file__).resolve().parent.parent  # the directory holding worker/ and compression/
-CHILD_UID = CHILD_GID = 65534  # nobody / nogroup
+NOBODY = 65534  # nobody / nogroup: the fallback where the namespace maps no per-child ids
+CHILD_ID_BASE = 1 << 28  # a child's uid and gid: this plus its pid (unique among live processes)
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -89,7 +92,7 @@ class Isolation:
     @property
     def complete(self) -> bool:
         # unprivileged_user is reported, not required: it needs the code and interpreter
-        # readable by 'nobody', which a 0700 checkout is not (see _make_reachable)
+        # readable by other users, which a 0700 checkout is not (see _make_reachable)
         return self.network and self.mounts and self.readonly_root and self.no_capabilities
 
     def to_dict(self) -> dict[str, Any]:
@@ -179,17 +182,35 @@ def _isolate(scratch: str, scratch_root: str, hide: list[str]) -> None:
         with contextlib.suppress(OSError):  # verified from the parent afterwards
             _mount(None, point, None, MS_REMOUNT | MS_BIND | MS_RDONLY | flags)
     os.chdir(scratch)  # the inherited cwd still points into the old, now read-only, mount
+    uid = child_id(os.getpid())
     if drop_user:
-        for top, dirs, files in os.walk(scratch):  # the child's own files become nobody's
+        for top, dirs, files in os.walk(scratch):  # the child's own files become its user's
             for name in [top, *(os.path.join(top, n) for n in dirs + files)]:
-                os.lchown(name, CHILD_UID, CHILD_GID)
+                os.lchown(name, uid, uid)
     _libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
     for cap in range(64):  # uid 0 gets the bounding set at exec: make it empty
         _libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0)
     if drop_user:
         os.setgroups([])
-        os.setgid(CHILD_GID)
-        os.setuid(CHILD_UID)  # clears the permitted and effective capabilities too
+        os.setgid(uid)
+        os.setuid(uid)  # clears the permitted and effective capabilities too
+
+
+def child_id(pid: int) -> int:
+    """The uid (and gid) the sandboxed child with host ``pid`` runs as: its own, since pids are
+    unique among live processes, unless this user namespace does not map that id (rootless
+    containers map 65,536 ids): then ``nobody``, shared with other jobs' children."""
+    uid = CHILD_ID_BASE + pid
+    return uid if all(_mapped(uid, f"/proc/self/{kind}_map") for kind in ("uid", "gid")) else NOBODY
+
+
+def _mapped(xid: int, id_map: str) -> bool:
+    try:
+        with open(id_map) as f:
+            rows = [tuple(int(v) for v in line.split()) for line in f if line.strip()]
+    except (OSError, ValueError):
+        return False
+    return any(inside <= xid < inside + count for inside, _, count in rows)
 
 
 def interpreter_paths() -> list[str]:
@@ -203,7 +224,7 @@ def open_to_others(path: str, bits: int) -> bool:
 
 
 def _make_reachable(paths: list[str]) -> bool:
-    """Cover each top-most directory that ``nobody`` cannot traverse on the way to one of
+    """Cover each top-most directory that other users cannot traverse on the way to one of
     ``paths`` with an empty tmpfs (so whatever else it held is gone), then bind the
     needed paths back at their own places (handles are opened before anything is
     covered). False, with nothing changed, when a needed path itself is closed to
@@ -278,10 +299,11 @@ def inspect_isolation(pid: int, attempted: bool) -> Isolation:
         with open(f"/proc/{pid}/status") as f:
             status = dict(line.split(":", 1) for line in f if ":" in line)
         iso.no_capabilities = int(status["CapBnd"].strip(), 16) == 0 and int(status["CapEff"].strip(), 16) == 0
-        iso.unprivileged_user = all(v != "0" for key in ("Uid", "Gid") for v in status[key].split())
+        own = str(child_id(pid))
+        iso.unprivileged_user = all(v == own for key in ("Uid", "Gid") for v in status[key].split())
         if not iso.unprivileged_user:
-            iso.note = (f"the child runs as root without capabilities: {CODE_ROOT} or the interpreter "
-                        "is not readable by 'nobody' (make them o+rx to run it unprivileged)")
+            iso.note = (f"the child does not run as its own user {own} ({status['Uid'].split()}): {CODE_ROOT} or "
+                        "the interpreter is not readable by other users (make them o+rx to run it unprivileged)")
     except (OSError, KeyError, ValueError) as e:
         iso.note = f"could not inspect the child: {e}"
     if not iso.complete and not iso.note:
