@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from worker import sandbox
 from worker.sandbox import child_env, parse_event
 from worker.tasks import OutputError, check_outputs, parse_report, scrub
 
@@ -99,3 +100,15 @@ def test_logs_are_scrubbed_of_secrets() -> None:
     settings = Settings(mode="full", database_url="postgresql://tt:hunter2hunter2@db/tt", secret_key="k" * 40)
     text = scrub(f"url {settings.database_url} key {'k' * 40} other redis://u:pass@h/0", settings)
     assert "hunter2" not in text and "k" * 40 not in text and "pass@" not in text
+
+
+def test_each_child_gets_its_own_user_where_the_namespace_maps_it(tmp_path: Path) -> None:
+    """Pid-derived ids on a host (the whole 32-bit range mapped); nobody inside a rootless
+    container's user namespace, which maps 65,536 ids."""
+    host, rootless = tmp_path / "host_map", tmp_path / "rootless_map"
+    host.write_text("         0          0 4294967295\n")
+    rootless.write_text("         0       1000          1\n         1     100000      65536\n")
+    assert [sandbox.child_id(123, (str(host),) * 2), sandbox.child_id(124, (str(host),) * 2)] == [
+        sandbox.CHILD_ID_BASE + 123, sandbox.CHILD_ID_BASE + 124]
+    assert sandbox.child_id(123, (str(host), str(rootless))) == sandbox.NOBODY
+    assert sandbox.child_id(123, (str(host), str(tmp_path / "missing"))) == sandbox.NOBODY

@@ -196,12 +196,12 @@ def _isolate(scratch: str, scratch_root: str, hide: list[str]) -> None:
         os.setuid(uid)  # clears the permitted and effective capabilities too
 
 
-def child_id(pid: int) -> int:
+def child_id(pid: int, id_maps: tuple[str, ...] = ("/proc/self/uid_map", "/proc/self/gid_map")) -> int:
     """The uid (and gid) the sandboxed child with host ``pid`` runs as: its own, since pids are
     unique among live processes, unless this user namespace does not map that id (rootless
     containers map 65,536 ids): then ``nobody``, shared with other jobs' children."""
     uid = CHILD_ID_BASE + pid
-    return uid if all(_mapped(uid, f"/proc/self/{kind}_map") for kind in ("uid", "gid")) else NOBODY
+    return uid if all(_mapped(uid, id_map) for id_map in id_maps) else NOBODY
 
 
 def _mapped(xid: int, id_map: str) -> bool:
