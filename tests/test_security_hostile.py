@@ -304,8 +304,9 @@ def test_sandboxed_child_cannot_read_root_only_files(tmp_path: Path) -> None:
 @pytest.mark.skipif(not _code_open_to_others(), reason="the checkout or interpreter is closed to other users "
                                                       "(0700): the child keeps uid 0 and says so")
 def test_one_jobs_child_cannot_signal_or_read_another_jobs_child(tmp_path: Path) -> None:
-    """Two jobs' children at once: each runs as its own user, so the second can neither kill
-    the first nor read its environment or memory (with one shared user it could do all three)."""
+    """Two jobs' children at once: each runs as its own user, so the second cannot kill the
+    first (with one shared user it could), and its /proc (hidepid) does not even list the
+    first: no environment or memory to read (with one shared user the environment was readable)."""
     import io
 
     from worker.sandbox import CHILD_ID_BASE, Limits, Sandbox, child_id
@@ -329,14 +330,18 @@ def test_one_jobs_child_cannot_signal_or_read_another_jobs_child(tmp_path: Path)
             "        out.append(what + '=done')\n"
             "    except OSError as e:\n"
             "        out.append(what + '=' + type(e).__name__)\n"
+            "pids = {int(p) for p in os.listdir('/proc') if p.isdigit()}\n"
+            "out.append(f'sees_victim={pid in pids} sees_self={os.getpid() in pids}')\n"
             "pathlib.Path('result.txt').write_text(' '.join(out))\n"
         )
         attacker = box("attacker", probe)
         assert attacker.finish() == 0
         out = (tmp_path / "scratch" / "attacker" / "result.txt").read_text()
-        assert out == f"uid={child_id(attacker.pid)} kill=PermissionError environ=PermissionError mem=PermissionError"
+        assert out == (f"uid={child_id(attacker.pid)} kill=PermissionError environ=FileNotFoundError "
+                       "mem=FileNotFoundError sees_victim=False sees_self=True")
         assert victim.poll() is None  # still running: the kill did not land
         assert victim.isolation.unprivileged_user and attacker.isolation.unprivileged_user
+        assert attacker.isolation.private_proc and attacker.isolation.to_dict()["private_proc"]
         assert child_id(victim.pid) == CHILD_ID_BASE + victim.pid != child_id(attacker.pid)
     finally:
         victim.kill("test over")

@@ -87,6 +87,7 @@ class Isolation:
     readonly_root: bool = False
     no_capabilities: bool = False
     unprivileged_user: bool = False
+    private_proc: bool = False  # its /proc lists only its own user's processes (hidepid)
     note: str = ""
 
     @property
@@ -98,7 +99,8 @@ class Isolation:
     def to_dict(self) -> dict[str, Any]:
         return {"attempted": self.attempted, "network": self.network, "mounts": self.mounts,
                 "readonly_root": self.readonly_root, "no_capabilities": self.no_capabilities,
-                "unprivileged_user": self.unprivileged_user, "note": self.note}
+                "unprivileged_user": self.unprivileged_user, "private_proc": self.private_proc,
+                "note": self.note}
 
 
 @dataclass
@@ -175,6 +177,9 @@ def _isolate(scratch: str, scratch_root: str, hide: list[str]) -> None:
     _mount(f"/proc/self/fd/{keep}", scratch, None, MS_BIND)
     os.close(keep)
     os.chmod(scratch, 0o755)  # the child's own; the covers below need it open to pass through
+    if _procfs_mounts_are_private():
+        with contextlib.suppress(OSError):  # reported by the parent (private_proc)
+            _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, "hidepid=2")
     drop_user = _make_reachable([scratch, *interpreter_paths()])
     for point, flags in _mountinfo():
         if point == scratch or point.startswith(scratch.rstrip("/") + "/"):
@@ -194,6 +199,14 @@ def _isolate(scratch: str, scratch_root: str, hide: list[str]) -> None:
         os.setgroups([])
         os.setgid(uid)
         os.setuid(uid)  # clears the permitted and effective capabilities too
+
+
+def _procfs_mounts_are_private() -> bool:
+    """Whether a new procfs mount has options of its own (Linux >= 5.8). Before that every
+    procfs mount of a PID namespace shares one superblock, so hidepid would hide the host's
+    processes from the host's own users too."""
+    major, minor = (int(v) for v in re.findall(r"\d+", os.uname().release)[:2])
+    return (major, minor) >= (5, 8)
 
 
 def child_id(pid: int, id_maps: tuple[str, ...] = ("/proc/self/uid_map", "/proc/self/gid_map")) -> int:
@@ -296,6 +309,9 @@ def inspect_isolation(pid: int, attempted: bool) -> Isolation:
                 fields = line.split()
                 if fields[4] == "/":
                     iso.readonly_root = "ro" in fields[5].split(",")
+                if fields[4] == "/proc":  # the last one listed is the one on top
+                    fs_type, _, options = fields[fields.index("-") + 1:][:3]
+                    iso.private_proc = fs_type == "proc" and bool(re.search(r"hidepid=(2|invisible)", options))
         with open(f"/proc/{pid}/status") as f:
             status = dict(line.split(":", 1) for line in f if ":" in line)
         iso.no_capabilities = int(status["CapBnd"].strip(), 16) == 0 and int(status["CapEff"].strip(), 16) == 0
