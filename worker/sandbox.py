@@ -17,7 +17,8 @@ holds nothing worth stealing and can reach little:
   an unprivileged user of its own (a root child, even without capabilities, still owns
   every root-owned file: /etc/shadow, /root/.ssh, a 0600 settings file). Its own, not a
   shared ``nobody``: one user's model must not signal, ptrace or read the memory of
-  another job's child, nor share its process limit (``child_id``). Directories
+  another job's child, nor share its process limit (``child_id``); its /proc is a procfs
+  of its own with ``hidepid=2``, listing only its own processes. Directories
   that other users cannot traverse on the way to what the child needs (the interpreter
   under /root/.pyenv, a 0700 temporary directory holding the code or the scratch) are
   covered by an empty tmpfs in which only those paths are bound back.
