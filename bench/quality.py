@@ -482,6 +482,7 @@ def aggregate(runs: list[dict], originals: dict[str, float]) -> list[dict]:
             "macs_target": rs[0]["macs_before"] / budget, "macs_before": rs[0]["macs_before"],
             "macs_vs_target": _mean_std(ratio),
             "top1_after_compression": _mean_std(ac), "top1_finetuned": _mean_std(ft),
+            "top1_by_seed": {str(r["seed"]): final_top1(r) for r in rs},
             "top1_finetuned_test_split": _mean_std([r["top1_finetuned"] for r in rs]),
             "scored_on": rs[0].get("score_samples"),
             "delta_vs_original": statistics.fmean(ft) - originals[net],
@@ -599,11 +600,25 @@ def _se_of_gap(a: dict, b: dict) -> float:
     return math.sqrt(a["top1_finetuned"][1] ** 2 / len(a["seeds"]) + b["top1_finetuned"][1] ** 2 / len(b["seeds"]))
 
 
+def _paired(ours: dict, peer: dict) -> tuple[float, float, str]:
+    """Both rows' mean top-1 over the seeds both completed (a run cut short by --max-minutes
+    leaves a cell's methods with different seeds), and a note naming those seeds when they
+    are not all of both rows' seeds."""
+    if ours["seeds"] == peer["seeds"] or "top1_by_seed" not in ours or "top1_by_seed" not in peer:
+        return ours["top1_finetuned"][0], peer["top1_finetuned"][0], ""
+    common = sorted(set(ours["top1_by_seed"]) & set(peer["top1_by_seed"]), key=int)
+    if not common:
+        return math.nan, math.nan, ""
+    mean = lambda row: statistics.fmean(row["top1_by_seed"][s] for s in common)  # noqa: E731
+    return mean(ours), mean(peer), f" (on seed {', '.join(common)}: ours {100 * mean(ours):.2f})"
+
+
 def verdict(rows: list[dict], originals: dict[str, float]) -> list[str]:
     """Per learned method, network and budget: which baselines (every method not
     in LEARNED: the rank heuristics, tensorly-torch, channel pruning) it beats on
-    the headline top-1, the gap to each it does not beat with the gap's standard
-    error, and at 3x whether it is within 0.5 points of the original."""
+    the headline top-1 (over the seeds both completed), the gap to each it does not
+    beat with the gap's standard error, and at 3x whether it is within 0.5 points of
+    the original."""
     out = []
     by = {(r["net"], r["budget"], r["method"]): r for r in rows}
     for ours in LEARNED:
@@ -614,10 +629,11 @@ def verdict(rows: list[dict], originals: dict[str, float]) -> list[str]:
                     continue
                 acc = r["top1_finetuned"][0]
                 peers = {m: by[(net, budget, m)] for m in METHODS if m not in LEARNED and (net, budget, m) in by}
-                top = {m: p["top1_finetuned"][0] for m, p in peers.items()}
-                beaten = [m for m in peers if acc > top[m]]
-                lost = [f"{m} {100 * top[m]:.2f} (gap {100 * (acc - top[m]):+.2f} ± {100 * _se_of_gap(r, p):.2f})"
-                        for m, p in peers.items() if acc <= top[m]]
+                pairs = {m: _paired(r, p) for m, p in peers.items()}
+                beaten = [m for m, (a, b, _) in pairs.items() if a > b]
+                lost = [f"{m} (no seed in common)" if math.isnan(b) else
+                        f"{m} {100 * b:.2f}{note} (gap {100 * (a - b):+.2f} ± {100 * _se_of_gap(r, peers[m]):.2f})"
+                        for m, (a, b, note) in pairs.items() if not a > b]
                 gap = 100 * (acc - originals[net])
                 out.append(f"{ours} on {net} at {budget:g}x: {100 * acc:.2f} % ({gap:+.2f} vs original); "
                            + ("beats " + ", ".join(beaten) if beaten

@@ -135,6 +135,22 @@ def test_the_verdict_holds_the_learned_methods_to_our_rank_heuristics_too_and_gi
                     "90.20 (gap -0.20 ± 0.29)")
 
 
+def test_the_verdict_compares_a_cell_cut_short_on_the_seeds_both_methods_completed() -> None:
+    """--max-minutes can stop a run between a cell's methods: seed 0 alone for ours, seeds 0 and 1
+    for a baseline that did worse on seed 0 but better on average."""
+    def row(method: str, by_seed: dict[str, float]) -> dict:
+        values = list(by_seed.values())
+        return {"net": "n", "budget": 5.0, "method": method, "seeds": sorted(int(k) for k in by_seed),
+                "top1_finetuned": (sum(values) / len(values), 0.0), "top1_by_seed": by_seed}
+
+    rows = [row("batude", {"0": 0.90}), row("uniform", {"0": 0.89, "1": 0.93}), row("energy", {"0": 0.91})]
+    [line] = q.verdict(rows, {"n": 0.92})
+    assert line == ("batude on n at 5x: 90.00 % (-2.00 vs original); beats uniform; does NOT beat energy 91.00 "
+                    "(gap -1.00 ± 0.00)")
+    rows[2] = row("energy", {"1": 0.80})
+    assert q.verdict(rows, {"n": 0.92})[0].endswith("; beats uniform; does NOT beat energy (no seed in common)")
+
+
 def test_the_report_names_cached_runs_made_by_other_code() -> None:
     now = {"compression/finetune.py": "a", "compression/ranks/batude.py": "b"}
     runs = [{"method": "uniform", "sources": dict(now)},
