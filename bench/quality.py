@@ -609,8 +609,8 @@ def _paired(ours: dict, peer: dict) -> tuple[float, float, str]:
     common = sorted(set(ours["top1_by_seed"]) & set(peer["top1_by_seed"]), key=int)
     if not common:
         return math.nan, math.nan, ""
-    mean = lambda row: statistics.fmean(row["top1_by_seed"][s] for s in common)  # noqa: E731
-    return mean(ours), mean(peer), f" (on seed {', '.join(common)}: ours {100 * mean(ours):.2f})"
+    a, b = (statistics.fmean(row["top1_by_seed"][s] for s in common) for row in (ours, peer))
+    return a, b, f" (on seed {', '.join(common)}: ours {100 * a:.2f})"
 
 
 def verdict(rows: list[dict], originals: dict[str, float]) -> list[str]:
