@@ -506,6 +506,8 @@ def markdown(report: dict) -> str:
                      f"`{i['command']}` at {i['started']}, {i['runs_done']} runs, {i['wall_seconds'] / 60:.1f} min, "
                      f"load {i['loadavg_start'][0]:.1f}→{i['loadavg_end'][0]:.1f}" for i in meta["invocations"]) + ")"),
              "",
+             *([f"Table and verdict rebuilt from the stored runs by `{meta['rendered']['command']}` at "
+                f"{meta['rendered']['at']} (nothing run again).", ""] if meta.get("rendered") else []),
              f"Config `{meta['config_key']}`: {meta['n_train']} training / {meta['n_test']} test images "
              f"(class-balanced subsets of Fashion-MNIST) for compression, fine-tuning and scoring; networks trained "
              f"{meta['train_epochs']} epochs on {meta.get('n_net_train') or meta['n_train']} training images, "
@@ -596,21 +598,38 @@ LEARNED = ("rene", "batude")  # the methods the target is about; every other met
 
 
 def _se_of_gap(a: dict, b: dict) -> float:
-    """Standard error of the difference of two rows' mean top-1, from the seeds' spread."""
+    """Standard error of the difference of two rows' mean top-1, from the seeds' spread
+    (rows without per-seed figures, which cannot be paired)."""
     return math.sqrt(a["top1_finetuned"][1] ** 2 / len(a["seeds"]) + b["top1_finetuned"][1] ** 2 / len(b["seeds"]))
 
 
-def _paired(ours: dict, peer: dict) -> tuple[float, float, str]:
-    """Both rows' mean top-1 over the seeds both completed (a run cut short by --max-minutes
-    leaves a cell's methods with different seeds), and a note naming those seeds when they
-    are not all of both rows' seeds."""
-    if ours["seeds"] == peer["seeds"] or "top1_by_seed" not in ours or "top1_by_seed" not in peer:
-        return ours["top1_finetuned"][0], peer["top1_finetuned"][0], ""
-    common = sorted(set(ours["top1_by_seed"]) & set(peer["top1_by_seed"]), key=int)
-    if not common:
-        return math.nan, math.nan, ""
-    a, b = (statistics.fmean(row["top1_by_seed"][s] for s in common) for row in (ours, peer))
-    return a, b, f" (on seed {', '.join(common)}: ours {100 * a:.2f})"
+def _seed_gaps(ours: dict, peer: dict) -> dict[str, float]:
+    """Ours minus the peer, seed by seed, over the seeds both completed (a run cut short by
+    --max-minutes leaves a cell's methods with different seeds)."""
+    a, b = ours["top1_by_seed"], peer["top1_by_seed"]
+    return {s: a[s] - b[s] for s in sorted(set(a) & set(b), key=int)}
+
+
+def _paired(ours: dict, peer: dict) -> tuple[float, float, float, str]:
+    """Both rows' mean top-1 over the seeds both completed, the standard error of the gap, and a
+    note naming those seeds when they are not all of both rows' seeds.
+
+    A seed fixes the same data order and split for every method of a cell, and every model is
+    scored on the same test images, so the gap's noise is the spread of the per-seed gaps
+    (paired), not the two rows' spreads added as if independent."""
+    if "top1_by_seed" not in ours or "top1_by_seed" not in peer:
+        return ours["top1_finetuned"][0], peer["top1_finetuned"][0], _se_of_gap(ours, peer), ""
+    gaps = _seed_gaps(ours, peer)
+    if not gaps:
+        return math.nan, math.nan, math.nan, ""
+    a, b = (statistics.fmean(row["top1_by_seed"][s] for s in gaps) for row in (ours, peer))
+    se = statistics.stdev(gaps.values()) / math.sqrt(len(gaps)) if len(gaps) > 1 else _se_of_gap(ours, peer)
+    note = "" if ours["seeds"] == peer["seeds"] else f" (on seed {', '.join(gaps)}: ours {100 * a:.2f})"
+    return a, b, se, note
+
+
+def _peers(by: dict, net: str, budget: float) -> dict[str, dict]:
+    return {m: by[(net, budget, m)] for m in METHODS if m not in LEARNED and (net, budget, m) in by}
 
 
 def verdict(rows: list[dict], originals: dict[str, float]) -> list[str]:
@@ -618,22 +637,24 @@ def verdict(rows: list[dict], originals: dict[str, float]) -> list[str]:
     in LEARNED: the rank heuristics, tensorly-torch, channel pruning) it beats on
     the headline top-1 (over the seeds both completed), the gap to each it does not
     beat with the gap's standard error, and at 3x whether it is within 0.5 points of
-    the original."""
+    the original. Then, with more than one network, per budget: the gap to each
+    baseline over every network and seed (:func:`pooled`)."""
     out = []
     by = {(r["net"], r["budget"], r["method"]): r for r in rows}
+    nets = sorted({r["net"] for r in rows})
     for ours in LEARNED:
-        for net in sorted({r["net"] for r in rows}):
+        for net in nets:
             for budget in sorted({r["budget"] for r in rows if r["net"] == net}):
                 r = by.get((net, budget, ours))
                 if r is None:
                     continue
                 acc = r["top1_finetuned"][0]
-                peers = {m: by[(net, budget, m)] for m in METHODS if m not in LEARNED and (net, budget, m) in by}
+                peers = _peers(by, net, budget)
                 pairs = {m: _paired(r, p) for m, p in peers.items()}
-                beaten = [m for m, (a, b, _) in pairs.items() if a > b]
+                beaten = [m for m, (a, b, _, _) in pairs.items() if a > b]
                 lost = [f"{m} (no seed in common)" if math.isnan(b) else
-                        f"{m} {100 * b:.2f}{note} (gap {100 * (a - b):+.2f} ± {100 * _se_of_gap(r, peers[m]):.2f})"
-                        for m, (a, b, note) in pairs.items() if not a > b]
+                        f"{m} {100 * b:.2f}{note} (gap {100 * (a - b):+.2f} ± {100 * se:.2f})"
+                        for m, (a, b, se, note) in pairs.items() if not a > b]
                 gap = 100 * (acc - originals[net])
                 out.append(f"{ours} on {net} at {budget:g}x: {100 * acc:.2f} % ({gap:+.2f} vs original); "
                            + ("beats " + ", ".join(beaten) if beaten
@@ -641,6 +662,36 @@ def verdict(rows: list[dict], originals: dict[str, float]) -> list[str]:
                            + (f"; does NOT beat {', '.join(lost)}" if lost else "")
                            + ("" if budget != 3 else ("; within 0.5 points of the original" if gap >= -0.5
                                                       else "; NOT within 0.5 points of the original")))
+        if len(nets) > 1:
+            out += pooled(by, ours, nets)
+    return out
+
+
+def pooled(by: dict, ours: str, nets: list[str]) -> list[str]:
+    """Per budget, ours minus each baseline over every network and every seed both completed:
+    the mean per-seed gap and its standard error. A cell holds 2-3 seeds, too few to tell
+    gaps of a tenth of a point apart; pooling the networks asks "at this budget" with twice
+    the pairs. Rows without per-seed figures are left out."""
+    out = []
+    for budget in sorted({b for (_, b, m) in by if m == ours}):
+        gaps: dict[str, list[float]] = {}
+        for net in nets:
+            r = by.get((net, budget, ours))
+            if r is None or "top1_by_seed" not in r:
+                continue
+            for m, p in _peers(by, net, budget).items():
+                if "top1_by_seed" in p:
+                    gaps.setdefault(m, []).extend(_seed_gaps(r, p).values())
+        stats = {m: (statistics.fmean(g), statistics.stdev(g) / math.sqrt(len(g)) if len(g) > 1 else 0.0, len(g))
+                 for m, g in gaps.items() if g}
+        if not stats:
+            continue
+        behind = [m for m, (mean, _, _) in stats.items() if mean < 0]
+        out.append(f"{ours} at {budget:g}x over {', '.join(nets)} (gap per seed pair, mean ± standard error): "
+                   + ", ".join(f"{m} {100 * mean:+.2f} ± {100 * se:.2f} ({n} pairs)"
+                               for m, (mean, se, n) in stats.items())
+                   + ("; at least as accurate as every baseline on average" if not behind
+                      else f"; behind {', '.join(behind)} on average"))
     return out
 
 
@@ -758,6 +809,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Confi
                    help='JSON of further compression.finetune.finetune options for every method, e.g. '
                         '\'{"mixup": 1.0}\' (default none)')
     p.add_argument("--max-minutes", type=float, default=None, help="start no new run after this long")
+    p.add_argument("--render", default=None, metavar="REPORT.json",
+                   help="run nothing: rebuild that report's table, verdict and plot from its stored runs with "
+                        "this code (its .md and .png are rewritten beside it)")
     p.add_argument("--out", default=None, help="results path without suffix (default bench/results/quality; "
                    "bench/cache/quality/quality_quick with --quick)")
     a = p.parse_args(argv)
@@ -794,6 +848,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Confi
 
 def main(argv: list[str] | None = None) -> int:
     args, cfg = parse_args(argv)
+    if args.render:
+        print(render(Path(args.render)))
+        return 0
     t_start, t_wall = time.perf_counter(), time.time()
     load_start = os.getloadavg()
     done_here = 0
@@ -891,18 +948,41 @@ def main(argv: list[str] | None = None) -> int:
                  "latency": "batch 1, CPU, 1 thread, TorchScript, original/compressed calls interleaved, median"},
         "nets": nets, "rows": rows, "runs": runs, "pretrained": pretrained,
     }
-    report["verdict"] = verdict(rows, originals)
-    RESULTS.mkdir(parents=True, exist_ok=True)
     # --quick is a smoke test: its outputs stay in the (ignored) cache, not in bench/results.
     base = Path(args.out) if args.out else (CACHE / "quality_quick" if args.quick else RESULTS / "quality")
+    print(write_report(report, base))
+    return 0
+
+
+def originals_of(report: dict) -> dict[str, float]:
+    """Each network's top-1 the methods are compared with. Reports from before the score set
+    (``--score``) compared with the test split's, and say so once filled in here."""
+    for info in report["nets"].values():
+        info.setdefault("original_top1", info["test_top1"])
+        info.setdefault("original_scored_on", report["meta"]["n_test"])
+    return {net: info["original_top1"] for net, info in report["nets"].items()}
+
+
+def write_report(report: dict, base: Path) -> str:
+    """Verdict, then ``base``.json, .md and .png; returns the markdown."""
+    report["verdict"] = verdict(report["rows"], originals_of(report))
     base.parent.mkdir(parents=True, exist_ok=True)
     base.with_suffix(".json").write_text(json.dumps(report, indent=2))
     md = markdown(report)
     report["meta"]["plot"] = plot(report, base.with_suffix(".png"))
     base.with_suffix(".md").write_text(md + f"\n![accuracy vs MACs]({Path(report['meta']['plot']).name})\n")
     base.with_suffix(".json").write_text(json.dumps(report, indent=2))
-    print(md)
-    return 0
+    return md
+
+
+def render(path: Path) -> str:
+    """Rebuild a stored report's rows, verdict, markdown and plot from its runs with this code,
+    without running anything (the runs' cache stays on the machine that made them)."""
+    report = json.loads(path.read_text())
+    report["rows"] = aggregate(report["runs"], originals_of(report))
+    report["meta"]["rendered"] = {"command": f"python -m bench.quality --render {path}",
+                                  "at": time.strftime("%Y-%m-%d %H:%M:%S")}
+    return write_report(report, path.with_suffix(""))
 
 
 if __name__ == "__main__":

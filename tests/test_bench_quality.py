@@ -112,6 +112,15 @@ def test_a_tiny_benchmark_runs_every_kind_of_method_resumes_from_its_cache_and_r
     assert third["meta"]["invocations"][-1]["runs_done"] == 1
     assert json.loads(stale.read_text())["net_fingerprint"] == third["nets"]["resnet"]["fingerprint"]
 
+    # --render rebuilds the table and verdict from the stored runs, running nothing.
+    (tmp_path / "cache").rename(tmp_path / "gone")
+    assert q.main(["--render", str(out.with_suffix(".json"))]) == 0
+    rendered = json.loads(out.with_suffix(".json").read_text())
+    assert rendered["rows"] == third["rows"] and rendered["runs"] == third["runs"]
+    assert rendered["meta"]["rendered"]["command"] == f"python -m bench.quality --render {out.with_suffix('.json')}"
+    assert "rebuilt from the stored runs by `python -m bench.quality --render" in out.with_suffix(".md").read_text()
+    assert not (tmp_path / "cache").exists()
+
 
 def test_the_verdict_counts_a_tie_with_a_baseline_as_not_beating_it() -> None:
     def row(method: str, acc: float, std: float = 0.0) -> dict:
@@ -161,3 +170,51 @@ def test_the_report_names_cached_runs_made_by_other_code() -> None:
     assert text == ("batude: 2 run(s), differing in compression/finetune.py, compression/ranks/batude.py; "
                     "energy: 1 run(s), differing in compression/finetune.py, compression/ranks/batude.py")
     assert q.older_code({"meta": {"sources_this_invocation": now}, "runs": runs[:1]}) == ""
+
+
+def _seeded(net: str, method: str, by_seed: dict[str, float], budget: float = 3.0) -> dict:
+    values = list(by_seed.values())
+    return {"net": net, "budget": budget, "method": method, "seeds": sorted(int(k) for k in by_seed),
+            "top1_finetuned": q._mean_std(values), "top1_by_seed": by_seed}
+
+
+def test_the_gaps_noise_is_the_spread_of_the_per_seed_gaps_not_of_the_two_rows() -> None:
+    """Seeds move every method of a cell together (same data order, same test images): a
+    baseline 0.5 points ahead on every seed is ahead beyond doubt, however far the seeds spread."""
+    rows = [_seeded("n", "batude", {"0": 0.90, "1": 0.92, "2": 0.94}),
+            _seeded("n", "energy", {"0": 0.905, "1": 0.925, "2": 0.945})]
+    [line] = q.verdict(rows, {"n": 0.923})
+    assert line.endswith("does NOT beat energy 92.50 (gap -0.50 ± 0.00); within 0.5 points of the original")
+    assert q._se_of_gap(*rows) > 0.01  # unpaired, the seeds' 2-point spread would hide it
+
+
+def test_the_verdict_pools_every_network_per_budget() -> None:
+    rows = [_seeded("a", "batude", {"0": 0.90, "1": 0.91}), _seeded("a", "uniform", {"0": 0.89, "1": 0.91}),
+            _seeded("a", "energy", {"0": 0.91, "1": 0.91}),
+            _seeded("b", "batude", {"0": 0.80, "1": 0.82}), _seeded("b", "uniform", {"0": 0.80, "1": 0.80}),
+            _seeded("b", "energy", {"0": 0.80, "1": 0.80}),
+            _seeded("b", "batude", {"1": 0.70}, budget=5.0), _seeded("b", "uniform", {"0": 0.71, "1": 0.69},
+                                                                       budget=5.0)]
+    lines = q.verdict(rows, {"a": 0.92, "b": 0.82})
+    assert len(lines) == 5  # three cells, then two budgets pooled
+    # 3x: gaps to uniform 1, 0, 0, 2 points; to energy -1, 0, 0, 2
+    assert lines[3] == ("batude at 3x over a, b (gap per seed pair, mean ± standard error): "
+                        "uniform +0.75 ± 0.48 (4 pairs), energy +0.25 ± 0.63 (4 pairs); "
+                        "at least as accurate as every baseline on average")
+    assert lines[4] == ("batude at 5x over a, b (gap per seed pair, mean ± standard error): "
+                        "uniform +1.00 ± 0.00 (1 pairs); at least as accurate as every baseline on average")
+    rows[2] = _seeded("a", "energy", {"0": 0.95, "1": 0.95})
+    assert q.verdict(rows, {"a": 0.92, "b": 0.82})[3].endswith("; behind energy on average")
+
+
+def test_rendering_the_published_reports_keeps_their_rows() -> None:
+    """--render rebuilds rows from the stored runs: every published figure must come out unchanged
+    (older reports only gain fields, such as the per-seed figures the paired verdict reads)."""
+    reports = sorted((q.RESULTS).glob("quality*.json"))
+    assert len(reports) >= 10
+    for path in reports:
+        report = json.loads(path.read_text())
+        rebuilt = json.loads(json.dumps(q.aggregate(report["runs"], q.originals_of(report))))
+        assert len(rebuilt) == len(report["rows"]), path
+        for new, old in zip(rebuilt, report["rows"], strict=True):
+            assert {k: new[k] for k in old} == old, path
