@@ -80,3 +80,21 @@ def test_a_manual_job_gets_exactly_the_ranks_it_asked_for(tmp_path: Path) -> Non
     assert sorted((r.layer, r.form, list(r.ranks)) for r in job.layer_ranks) == [("c2", "tucker2", [4, 8]),
                                                                                  ("fc", "svd", [3])]
     assert job.metrics["rank_method"] == "manual"
+
+
+def test_progress_that_moves_reaches_the_job_row_between_heartbeats() -> None:
+    """A poller of GET /jobs/{id} reads the row: a long phase must move there every couple of
+    seconds, not once per heartbeat interval (10 s by default), or its ETA only climbs."""
+    import uuid
+
+    from worker.tasks import PROGRESS_WRITE_MIN_S, Supervisor
+
+    sup = Supervisor(None, uuid.uuid4(), 1)  # type: ignore[arg-type]  # the runtime is only for publishing
+    sup.last_heartbeat, interval = 100.0, 10.0
+    assert not sup.write_due(100.0 + PROGRESS_WRITE_MIN_S, interval)  # nothing moved
+    sup._overall.update("ranks", 0.5)
+    assert not sup.write_due(100.0 + PROGRESS_WRITE_MIN_S / 2, interval)  # moved, but written a moment ago
+    assert sup.write_due(100.0 + PROGRESS_WRITE_MIN_S, interval)
+    sup.written = sup.overall  # what heartbeat() records
+    assert not sup.write_due(100.0 + PROGRESS_WRITE_MIN_S, interval)
+    assert sup.write_due(100.0 + interval, interval)  # the heartbeat itself, moved or not

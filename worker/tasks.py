@@ -55,6 +55,7 @@ MAX_REPORT_BYTES = 64 << 20
 MAX_ZIP_ENTRIES = 100_000
 _CODE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 PHASE_EVENT_MIN_S = 1.0  # at most one progress JobEvent per phase per second
+PROGRESS_WRITE_MIN_S = 2.0  # progress that moved reaches the job's row at most this often between heartbeats
 
 
 # --------------------------------------------------------------------------- runtime
@@ -121,6 +122,7 @@ class Supervisor:
         self.message = ""
         self.started = time.monotonic()
         self.last_heartbeat = 0.0
+        self.written = 0.0  # the overall progress the last heartbeat wrote
         self.last_phase_event: dict[str, float] = {}
         self.last_publish = 0.0
 
@@ -151,6 +153,14 @@ class Supervisor:
                           "progress": round(self.overall, 4), "message": p.message, "eta_s": self.eta_s()})
         return changed
 
+    def write_due(self, now: float, interval: float) -> bool:
+        """Whether the job's row is due a write: the heartbeat interval has passed, or the progress
+        moved since the last write and PROGRESS_WRITE_MIN_S have. Clients that poll the job (and
+        its ETA) see a long phase move, not one step every heartbeat interval; the database gets
+        at most one such write per running job every PROGRESS_WRITE_MIN_S."""
+        since = now - self.last_heartbeat
+        return since >= interval or (self.overall > self.written and since >= PROGRESS_WRITE_MIN_S)
+
     def heartbeat(self, session: Session, *, phases: list[str] | tuple[str, ...] = ()) -> JobStatus:
         """Write liveness + progress, and one progress event per phase in ``phases`` (the
         phases entered since the last write); raise JobLost if another attempt holds the job."""
@@ -166,7 +176,7 @@ class Supervisor:
             session.add(JobEvent(job_id=self.job_id, attempt=self.attempt, kind="progress", phase=phase,
                                  progress=self.overall, message=(message or "")[:1000] or None))
         session.commit()
-        self.last_heartbeat = time.monotonic()
+        self.last_heartbeat, self.written = time.monotonic(), self.overall
         return status
 
 
@@ -371,7 +381,7 @@ def _supervise(rt: Runtime, sup: Supervisor, box: Sandbox) -> str:
                 entered = [p.phase for p in box.drain() if sup.on_progress(p)]
                 fresh = [q for q in dict.fromkeys(entered)
                          if now - sup.last_phase_event.get(q, 0.0) >= PHASE_EVENT_MIN_S]
-                if fresh or now - sup.last_heartbeat >= interval:
+                if fresh or sup.write_due(now, interval):
                     for q in fresh:
                         sup.last_phase_event[q] = now
                     status = sup.heartbeat(session, phases=fresh)
