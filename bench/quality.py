@@ -71,7 +71,9 @@ hash of the weights: the same recipe trains another network on another CPU,
 whose kernels round differently, so tables from two machines never mix);
 ``--max-minutes`` stops starting new runs after that long. Writes
 ``bench/results/quality.{json,md,png}`` (``bench/cache/quality/quality_quick.*`` with
-``--quick``).
+``--quick``). ``--render REPORT.json`` runs nothing: it rebuilds a stored report's table,
+verdict and plot from the runs the report holds, so a change to the reporting reaches the
+published results without the cache (which stays on the machine that made the runs).
 """
 
 from __future__ import annotations
