@@ -840,6 +840,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Confi
     if n_score is not None and n_score < n_test:
         p.error(f"--score ({n_score}) must be at least --test ({n_test}): the score set is a superset of the test "
                 "split (0 scores on the test split only)")
+    if a.render and not _is_report(Path(a.render)):
+        p.error(f"--render {a.render}: not a quality report (a bench/results/quality*.json file with its runs)")
     if not seed_list:
         p.error("--seeds 0 runs nothing: give a count >= 1 (3 = seeds 0,1,2) or a comma-separated list (0,1)")
     unknown = [m for m in cfg.methods if m not in METHODS] + [n for n in cfg.nets if n not in NETS]
@@ -975,6 +977,14 @@ def write_report(report: dict, base: Path) -> str:
     base.with_suffix(".md").write_text(md + f"\n![accuracy vs MACs]({Path(report['meta']['plot']).name})\n")
     base.with_suffix(".json").write_text(json.dumps(report, indent=2))
     return md
+
+
+def _is_report(path: Path) -> bool:
+    try:
+        report = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(report, dict) and all(k in report for k in ("meta", "nets", "runs"))
 
 
 def render(path: Path) -> str:

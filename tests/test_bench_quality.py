@@ -120,6 +120,9 @@ def test_a_tiny_benchmark_runs_every_kind_of_method_resumes_from_its_cache_and_r
     assert rendered["meta"]["rendered"]["command"] == f"python -m bench.quality --render {out.with_suffix('.json')}"
     assert "rebuilt from the stored runs by `python -m bench.quality --render" in out.with_suffix(".md").read_text()
     assert not (tmp_path / "cache").exists()
+    for bad in (tmp_path / "missing.json", out.with_suffix(".md")):
+        with pytest.raises(SystemExit):
+            q.parse_args(["--render", str(bad)])
 
 
 def test_the_verdict_counts_a_tie_with_a_baseline_as_not_beating_it() -> None:
